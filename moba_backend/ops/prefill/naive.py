@@ -1,0 +1,57 @@
+"""Attention given a selection (SPEC.md), torch reference and CPU path.
+
+Each query head at position t attends, causally, exactly the tokens of the blocks selected for
+it, with ordinary softmax attention (scale, GQA, optional sliding window and soft cap).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moba_backend.ops.pooling.naive import gather_positions
+
+
+def sparse_attention(
+    q: torch.Tensor,            # [T, H, D]
+    k_cache: torch.Tensor,      # [N, P, HK, D]
+    v_cache: torch.Tensor,      # [N, P, HK, D]
+    block_table: torch.Tensor,  # [R, max_pages]
+    token_req: torch.Tensor,    # [T]
+    token_pos: torch.Tensor,    # [T]
+    sel: torch.Tensor,          # [T, H, NBV] bool: blocks each query head attends
+    block_size: int,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = -1,           # sliding window in tokens (keys with t - pos < window), -1: none
+    q_chunk: int = 256,
+) -> torch.Tensor:
+    """Output [T, H, D] in q's dtype, computed in float32."""
+    T, H, D = q.shape
+    HK = k_cache.shape[2]
+    G = H // HK
+    out = torch.empty_like(q)
+    dev = q.device
+    req = token_req.to(dev)
+    pos_all = token_pos.to(dev).long()
+    for r in torch.unique(req).tolist():
+        idx = (req == r).nonzero().flatten()
+        L = int(pos_all[idx].max()) + 1
+        k = gather_positions(k_cache, block_table[r], 0, L).float().repeat_interleave(G, dim=1)  # [L, H, D]
+        v = gather_positions(v_cache, block_table[r], 0, L).float().repeat_interleave(G, dim=1)
+        key_pos = torch.arange(L, device=dev)
+        for i in range(0, idx.numel(), q_chunk):
+            ti = idx[i:i + q_chunk]
+            pos = pos_all[ti]                                                   # [t]
+            s = torch.einsum("thd,lhd->thl", q[ti].float(), k) * scale          # [t, H, L]
+            if softcap > 0:
+                s = softcap * torch.tanh(s / softcap)
+            allowed = key_pos[None, :] <= pos[:, None]                          # causal [t, L]
+            if window > 0:
+                allowed &= pos[:, None] - key_pos[None, :] < window
+            blk = sel[ti.cpu() if sel.device.type == "cpu" else ti].to(dev)    # [t, H, NBV]
+            nbv = blk.shape[-1]
+            key_blk = torch.clamp(key_pos // block_size, max=nbv - 1)
+            allowed = allowed[:, None, :] & blk[:, :, key_blk] & (key_pos // block_size < nbv)
+            s = s.masked_fill(~allowed, float("-inf"))
+            out[ti] = torch.einsum("thl,lhd->thd", torch.softmax(s, dim=-1), v).to(q.dtype)
+    return out
