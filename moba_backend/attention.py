@@ -1,0 +1,152 @@
+"""The framework-free MoBA attention layer over a paged KV cache.
+
+Per step the engine builds one `MobaPlan` (`build_plan`, shared by every layer); per layer it
+calls `MobaAttention.forward`, which writes the new K/V into the cache, writes the summaries of
+the blocks this step completes, selects blocks for every query head and attends. One entry point
+for mixed batches of prefills, chunked prefills and decodes.
+
+Caches (allocated by the engine, indexed by physical page):
+- `k_cache`, `v_cache`: [num_pages, P, HK, D]
+- `summary_cache`: [num_pages, SLOTS, S, HK, D] (`MobaAttention.summary_shape`)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moba_backend.config import MobaConfig
+from moba_backend.ops.common import check, check_cache, slots_per_page, summary_slots
+from moba_backend.ops.pooling import naive as pooling_naive
+from moba_backend.ops.prefill import naive as attn_naive
+from moba_backend.ops.select.fast import Selection, select, selection_mask
+from moba_backend.ops.select.naive import SelectParams
+from moba_backend.plan import MobaPlan, build_plan
+
+IMPLS = ("auto", "torch", "triton")
+
+__all__ = ["MobaAttention", "MobaPlan", "build_plan", "write_kv"]
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter the step's K/V [T, HK, D] into the paged caches; slots < 0 are padding."""
+    n = slot_mapping.numel()
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    P = k_cache.shape[1]
+    s = slots[keep]
+    k_cache[s // P, s % P] = key[:n][keep].to(k_cache.dtype)
+    v_cache[s // P, s % P] = value[:n][keep].to(v_cache.dtype)
+
+
+class MobaAttention:
+    """MoBA attention for one layer.
+
+    Args:
+        cfg: the validated MoBA config.
+        num_heads, num_kv_heads, head_dim: H, HK, D.
+        scale: softmax scale (default 1/sqrt(D)).
+        layer_idx: used for `moba_dense_layers`.
+        softcap: attention logit soft cap (0: none). window: sliding window in tokens (-1: none).
+        gate_weight: [HK, B, D] learned gate weights of this layer (gate `learned`).
+        impl: `torch` (reference ops, any device), `triton` (kernels), `auto` (Triton on CUDA).
+    """
+
+    def __init__(self, cfg: MobaConfig, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float | None = None, layer_idx: int = 0, softcap: float = 0.0,
+                 window: int = -1, gate_weight: torch.Tensor | None = None, impl: str = "auto"):
+        check(num_heads % num_kv_heads == 0,
+              f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        check(impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}")
+        self.cfg = cfg
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.layer_idx = layer_idx
+        self.softcap, self.window = softcap, window
+        self.impl = impl
+        if cfg.moba_gate == "learned":
+            check(gate_weight is not None, f"layer {layer_idx}: moba_gate 'learned' needs gate weights")
+            want = (num_kv_heads, cfg.moba_block_size, head_dim)
+            check(tuple(gate_weight.shape) == want,
+                  f"layer {layer_idx}: gate weight shape {tuple(gate_weight.shape)}, expected {want}")
+        self.gate_weight = gate_weight
+        self.params = SelectParams(
+            block_size=cfg.moba_block_size, query_tile=cfg.moba_query_tile,
+            mode=cfg.moba_tile_select, gate=cfg.moba_gate,
+            sink_blocks=cfg.moba_sink_blocks, local_blocks=cfg.moba_local_blocks,
+            enc_right=cfg.moba_encoder_top_k_right, dec_right=cfg.moba_decoder_top_k_right,
+            enc_limit=cfg.encoder_seq_limit, dec_limit=cfg.decoder_seq_limit,
+            scale=self.scale, dense=cfg.is_dense_layer(layer_idx))
+
+    def summary_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        """Shape of this layer's summary cache for a KV cache of `num_pages` pages."""
+        return (num_pages, slots_per_page(self.cfg.moba_block_size, page_size),
+                summary_slots(self.cfg.moba_gate), self.num_kv_heads, self.head_dim)
+
+    def _use_triton(self, device: torch.device) -> bool:
+        if self.impl == "auto":
+            return device.type == "cuda"
+        return self.impl == "triton"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, summary_cache: torch.Tensor,
+                plan: MobaPlan, out: torch.Tensor | None = None,
+                selection_out: list | None = None) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, HK, D] new keys/values (None: already in the cache).
+
+        Returns out [T, H, D]. `selection_out`, when a list, receives this layer's Selection.
+        """
+        T = plan.num_tokens
+        check(q.dim() == 3 and q.shape[1:] == (self.num_heads, self.head_dim),
+              f"q must be [T, {self.num_heads}, {self.head_dim}], got {tuple(q.shape)}")
+        check(q.shape[0] >= T, f"q has {q.shape[0]} rows, the plan {T} tokens")
+        check_cache(k_cache, v_cache)
+        check(k_cache.shape[2:] == (self.num_kv_heads, self.head_dim),
+              f"k_cache must be [N, P, {self.num_kv_heads}, {self.head_dim}], got {tuple(k_cache.shape)}")
+        want = self.summary_shape(k_cache.shape[0], k_cache.shape[1])
+        check(tuple(summary_cache.shape) == want,
+              f"summary_cache must be {want}, got {tuple(summary_cache.shape)}")
+        q = q[:T]
+        if k is not None:
+            write_kv(k, v, k_cache, v_cache, plan.slot_mapping)
+        if out is None:
+            out = torch.empty_like(q)
+        if T == 0:
+            return out
+        use_triton = self._use_triton(q.device)
+        cfg = self.cfg
+        if use_triton:
+            from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
+            from moba_backend.ops.select.triton_impl import triton_scorer
+            update_block_summaries_fwd(k_cache, summary_cache, plan, cfg.moba_gate, self.gate_weight)
+            sel = select(q, summary_cache, plan, self.params,
+                         scorer=None if self.params.dense else triton_scorer(self.params.gate))
+        else:
+            ctx = plan.seq_lens - torch.bincount(plan.token_req.long(), minlength=plan.num_reqs).to(plan.seq_lens)
+            pooling_naive.update_block_summaries(
+                k_cache, summary_cache, plan.block_table, ctx, plan.seq_lens,
+                cfg.moba_block_size, cfg.moba_gate, self.gate_weight)
+            sel = select(q, summary_cache, plan, self.params)
+        if selection_out is not None:
+            selection_out.append(sel)
+        if use_triton:
+            self._attend_triton(q, k_cache, v_cache, plan, sel, out)
+        else:
+            mask = selection_mask(sel, plan, self.num_heads)
+            out[:T] = attn_naive.sparse_attention(
+                q, k_cache, v_cache, plan.block_table, plan.token_req, plan.token_pos, mask,
+                cfg.moba_block_size, self.scale, self.softcap, self.window)
+        return out
+
+    def _attend_triton(self, q, k_cache, v_cache, plan: MobaPlan, sel: Selection, out) -> None:
+        from moba_backend.ops.decode.triton_impl import sparse_decode_fwd
+        from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
+        common = dict(block_size=self.cfg.moba_block_size, scale=self.scale, softcap=self.softcap,
+                      window=self.window)
+        if plan.prefill.num:
+            sparse_prefill_fwd(q, k_cache, v_cache, plan.block_table, plan.prefill, sel, out,
+                               tokens_per_tile=plan.tokens_per_tile, block_m=plan.block_m, **common)
+        if plan.decode.num:
+            sparse_decode_fwd(q, k_cache, v_cache, plan.block_table, plan.decode, sel, out, **common)

@@ -1,0 +1,227 @@
+"""Sparse paged attention over per-tile block lists: the Triton kernel (prefill, and decode with
+split-K through `ops/decode/triton_impl.py`).
+
+One program = one kernel tile (consecutive tokens of one request) x one KV head x one split of
+the tile's block list. Its rows pack tokens x the GQA group (row r: token r // G, head r % G), so
+every K/V tile is loaded once for all query heads of the group. The loop runs over the tile's
+selected blocks, `BLOCK_N` keys at a time, pages found through the block table per key row (a
+MoBA block may span pages and a page may hold several blocks). In `token` mode each row keeps a
+pointer into its own ascending block list and masks the blocks it did not choose.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moba_backend.ops.common import SENTINEL, check, check_cache, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr,          # [T, H, D]
+    k_ptr,          # [N, P, HK, D]
+    v_ptr,          # [N, P, HK, D]
+    o_ptr,          # [T, H, D] (NUM_SPLITS == 1) or [T, H, NUM_SPLITS, D] float32 partials
+    lse_ptr,        # [T, H, NUM_SPLITS] float32 log2-sum-exp of each partial (NUM_SPLITS > 1)
+    bt_ptr,         # [R, max_pages] int32
+    t_req_ptr,      # [NT] int32 request of each tile
+    t_q0_ptr,       # [NT] int32 first query row
+    t_len_ptr,      # [NT] int32 tokens
+    t_pos0_ptr,     # [NT] int32 position of the first token
+    t_index_ptr,    # [NT] int64 row of the tile in blocks/nblocks
+    blocks_ptr,     # [NT_all, HK, LW] int32 ascending block lists
+    nblocks_ptr,    # [NT_all, HK] int32
+    member_ptr,     # [T, H, W] int32 ascending per-head lists (TOKEN_MASK)
+    stride_qt, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_os,
+    stride_et, stride_eh,
+    stride_bt,
+    stride_lt, stride_lh, stride_nt,
+    stride_mt, stride_mh,
+    scale_log2,     # softmax scale * log2(e)
+    softcap,        # > 0: logits = softcap * tanh(logits / softcap)
+    window,         # > 0: keys with pos_q - pos_k < window only
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    MOBA_B: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    W_POW2: tl.constexpr, W: tl.constexpr,
+    TOKEN_MASK: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_hk = tl.program_id(1)
+    i_s = tl.program_id(2)
+    SUB: tl.constexpr = MOBA_B // BLOCK_N
+
+    i_req = tl.load(t_req_ptr + i_t).to(tl.int64)
+    i_q0 = tl.load(t_q0_ptr + i_t)
+    n_tok = tl.load(t_len_ptr + i_t)
+    pos0 = tl.load(t_pos0_ptr + i_t)
+    i_row = tl.load(t_index_ptr + i_t)
+    max_pos = pos0 + n_tok - 1
+
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    i_tok = o_m // G
+    i_h = i_hk * G + o_m % G
+    m_row = i_tok < n_tok
+    m_d = o_d < D
+    pos_q = pos0 + i_tok
+    i_q = (i_q0 + i_tok).to(tl.int64)
+
+    p_q = q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)
+
+    p_blocks = blocks_ptr + i_row * stride_lt + i_hk * stride_lh
+    n_blk = tl.load(nblocks_ptr + i_row * stride_nt + i_hk)
+    per_split = tl.cdiv(n_blk, NUM_SPLITS)
+    it_lo = i_s * per_split
+    it_hi = tl.minimum(it_lo + per_split, n_blk)
+
+    p_bt = bt_ptr + i_req * stride_bt
+    p_mem = member_ptr + i_q * stride_mt + i_h * stride_mh                 # [BLOCK_M] row starts
+    i_ptr = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if TOKEN_MASK:
+        if NUM_SPLITS > 1:
+            # a split starts mid-list: skip each row's entries below the split's first block
+            j_first = tl.load(p_blocks + it_lo, mask=it_lo < it_hi, other=0)
+            o_w = tl.arange(0, W_POW2)
+            b_mem = tl.load(p_mem[:, None] + o_w[None, :], mask=m_row[:, None] & (o_w[None, :] < W),
+                            other=SENTINEL)
+            i_ptr = tl.sum((b_mem < j_first).to(tl.int32), axis=1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    o_n = tl.arange(0, BLOCK_N)
+
+    # NOTE: one flat loop over (selected block, sub-tile) keeps the K/V loads pipelined across
+    # blocks; sub-tiles wholly after the tile's last query only load masked (no traffic).
+    for it in range(it_lo * SUB, it_hi * SUB):
+        i_b = it // SUB
+        i_sub = it % SUB
+        j = tl.load(p_blocks + i_b)
+        pos_k = j * MOBA_B + i_sub * BLOCK_N + o_n                               # [BLOCK_N]
+        m_k = pos_k <= max_pos
+        i_page = tl.load(p_bt + pos_k // PAGE, mask=m_k, other=0).to(tl.int64)
+        i_slot = (pos_k % PAGE).to(tl.int64)
+        p_k = k_ptr + i_page[:, None] * stride_kp + i_slot[:, None] * stride_ks + i_hk * stride_kh + o_d[None, :]
+        b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
+        if IEEE_DOT:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        if HAS_SOFTCAP:
+            b_s = b_s * (scale_log2 / 1.4426950408889634) / softcap
+            b_s = softcap * (2.0 * tl.sigmoid(2.0 * b_s) - 1.0) * 1.4426950408889634
+        else:
+            b_s = b_s * scale_log2
+        m_s = m_row[:, None] & (pos_k[None, :] <= pos_q[:, None])
+        if HAS_WINDOW:
+            m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
+        if TOKEN_MASK:
+            cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL)
+            m_sel = cur == j
+            m_s = m_s & m_sel[:, None]
+            i_ptr += (m_sel & (i_sub == SUB - 1)).to(tl.int32)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        p_v = v_ptr + i_page[:, None] * stride_vp + i_slot[:, None] * stride_vs + i_hk * stride_vh + o_d[None, :]
+        b_v = tl.load(p_v, mask=m_k[:, None] & m_d[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        p_o = o_ptr + i_q[:, None] * stride_ot + i_h[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
+    else:
+        # split partials are indexed by tile (one token per tile), not by query row
+        p_o = o_ptr + i_t * stride_ot + i_h[:, None] * stride_oh + i_s * stride_os + o_d[None, :]
+        tl.store(p_o, b_o, mask=m_row[:, None] & m_d[None, :])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + i_t * stride_et + i_h * stride_eh + i_s, lse, mask=m_row)
+
+
+def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *, block_size, scale,
+                       softcap, window, block_m, num_splits) -> None:
+    """Launch the kernel over `tiles` (a plan TileSet); `out` is [T, H, D] when num_splits == 1,
+    else [NT, H, num_splits, D] float32 partials with `lse` [NT, H, num_splits] (one-token tiles)."""
+    T, H, D = q.shape
+    HK = k_cache.shape[2]
+    G = H // HK
+    P = k_cache.shape[1]
+    block_n = min(64, block_size)
+    member = sel.member_blocks
+    token_mask = member is not None
+    if member is None:
+        member = sel.tile_blocks  # never read; any int32 tensor with three dims
+    W = member.shape[-1]
+    grid = (tiles.num, HK, num_splits)
+    if lse is None:
+        lse = out  # never written
+    _sparse_attn_kernel[grid](
+        q, k_cache, v_cache, out, lse, block_table,
+        tiles.req, tiles.q0, tiles.length, tiles.pos0, tiles.index,
+        sel.tile_blocks, sel.tile_nblocks, member,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2) if num_splits > 1 else 0,
+        lse.stride(0), lse.stride(1),
+        block_table.stride(0),
+        sel.tile_blocks.stride(0), sel.tile_blocks.stride(1), sel.tile_nblocks.stride(0),
+        member.stride(0), member.stride(1),
+        scale * LOG2E, float(softcap), int(window),
+        G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), MOBA_B=block_size, PAGE=P,
+        BLOCK_M=block_m, BLOCK_N=block_n, W_POW2=next_pow2(W), W=W,
+        TOKEN_MASK=token_mask, NUM_SPLITS=num_splits,
+        HAS_SOFTCAP=softcap > 0, HAS_WINDOW=window > 0, IEEE_DOT=q.dtype == torch.float32,
+        num_warps=8 if block_m >= 128 and D >= 128 else 4, num_stages=2,
+    )
+
+
+def check_attn_inputs(q, k_cache, v_cache, block_table, out) -> None:
+    check_cache(k_cache, v_cache)
+    check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [T, H, D] with a contiguous head dim, got {tuple(q.shape)}")
+    T, H, D = q.shape
+    HK = k_cache.shape[2]
+    check(k_cache.shape[3] == D, f"head dim of q ({D}) and k_cache ({k_cache.shape[3]}) differ")
+    check(H % HK == 0, f"query heads {H} not a multiple of KV heads {HK}")
+    check(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}")
+    check(D in (32, 64, 80, 96, 128, 192, 256), f"head dim {D} not supported (32..256)")
+    check(block_table.dtype == torch.int32, "block_table must be int32")
+    check(out.shape == q.shape and out.stride(-1) == 1, "out must be [T, H, D] like q")
+
+
+def sparse_prefill_fwd(q, k_cache, v_cache, block_table, tiles, sel, out, *, block_size, scale,
+                       softcap=0.0, window=-1, tokens_per_tile, block_m) -> torch.Tensor:
+    """Sparse paged prefill.
+
+    q: [T, H, D]; k_cache, v_cache: [N, P, HK, D]; block_table: [R, max_pages] int32;
+    tiles: the plan's prefill TileSet (each tile at most `tokens_per_tile` tokens);
+    sel: Selection (tile lists [NT, HK, LW], optional member lists [T, H, W]);
+    out: [T, H, D], written for the tiles' tokens.
+    """
+    check_attn_inputs(q, k_cache, v_cache, block_table, out)
+    G = q.shape[1] // k_cache.shape[2]
+    check(block_m >= tokens_per_tile * G, f"block_m={block_m} < tokens_per_tile x group = {tokens_per_tile * G}")
+    if tiles.num:
+        sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, None, block_size=block_size,
+                           scale=scale, softcap=softcap, window=window, block_m=block_m, num_splits=1)
+    return out
