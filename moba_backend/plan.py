@@ -86,7 +86,7 @@ class MobaPlan:
 
 def _aligned_pieces(start: int, stop: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split positions [start, stop) at multiples of `step`: (first positions, lengths)."""
-    firsts = torch.cat([torch.tensor([start]), torch.arange((start // step + 1) * step, stop, step)])
+    firsts = torch.cat([torch.tensor([start]), torch.arange(min((start // step + 1) * step, stop), stop, step)])
     return firsts, torch.diff(torch.cat([firsts, torch.tensor([stop])]))
 
 
