@@ -213,7 +213,8 @@ def test_cache_beyond_2_pow_31_elements():
     bt, slots = remap[b.block_table.long()], b.slot_mapping
     slots = remap[(slots // P).long()].long() * P + slots % P
     plan = build_plan(cfg, b.query_start_loc, b.seq_lens, bt, slots, b.is_decode, P, 32, 8, device="cuda")
-    sc = torch.zeros(layer.summary_shape(N, P), device="cuda", dtype=torch.bfloat16)
+    sc = torch.zeros(layer.summary_shape(N, P), device="cuda")
+    sc[remap.long().cuda()] = context_summaries(layer, b).cuda()
     out = layer.forward(b.q.cuda(), b.k.cuda(), b.v.cuda(), kc, vc, sc, plan).float().cpu()
     ref = run_layer(make_layer(cfg, 32, 8, 128, "torch"), b, cfg, "cpu")
     assert_close(out, ref.float(), 2e-2, "beyond 2^31")

@@ -18,6 +18,8 @@ import triton.language as tl
 from moba_backend.ops.common import SENTINEL, check, check_cache, next_pow2
 
 LOG2E = 1.4426950408889634
+# NOTE: a global read inside a jit function must be a tl.constexpr.
+SENTINEL_K = tl.constexpr(SENTINEL)
 
 
 @triton.jit
@@ -93,7 +95,7 @@ def _sparse_attn_kernel(
             j_first = tl.load(p_blocks + it_lo, mask=it_lo < it_hi, other=0)
             o_w = tl.arange(0, W_POW2)
             b_mem = tl.load(p_mem[:, None] + o_w[None, :], mask=m_row[:, None] & (o_w[None, :] < W),
-                            other=SENTINEL)
+                            other=SENTINEL_K)
             i_ptr = tl.sum((b_mem < j_first).to(tl.int32), axis=1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -126,7 +128,7 @@ def _sparse_attn_kernel(
         if HAS_WINDOW:
             m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
         if TOKEN_MASK:
-            cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL)
+            cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL_K)
             m_sel = cur == j
             m_s = m_s & m_sel[:, None]
             i_ptr += (m_sel & (i_sub == SUB - 1)).to(tl.int32)
