@@ -119,10 +119,8 @@ class MobaAttention:
         cfg = self.cfg
         if use_triton:
             from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
-            from moba_backend.ops.select.triton_impl import triton_scorer
             update_block_summaries_fwd(k_cache, summary_cache, plan, cfg.moba_gate, self.gate_weight)
-            sel = select(q, summary_cache, plan, self.params,
-                         scorer=None if self.params.dense else triton_scorer(self.params.gate))
+            sel = select(q, summary_cache, plan, self.params, backend="triton")
         else:
             ctx = plan.seq_lens - torch.bincount(plan.token_req.long(), minlength=plan.num_reqs).to(plan.seq_lens)
             pooling_naive.update_block_summaries(

@@ -64,6 +64,9 @@ class MobaPlan:
     group_flo: torch.Tensor      # forced own/local range is [flo, c1]; cands are j < flo, j >= sink
     group_n: torch.Tensor        # blocks to select (every visible block when dense)
     group_dense: torch.Tensor    # bool
+    group_req: torch.Tensor      # request of the group
+    group_q0: torch.Tensor       # first query row (a group's tokens are consecutive rows)
+    group_len: torch.Tensor      # tokens in the group
     # kernel tiles
     prefill: TileSet
     decode: TileSet
@@ -130,6 +133,7 @@ def build_plan(
     # Per request pieces, concatenated at the end (int64 CPU tensors).
     tok_req, tok_pos, tok_dec, tok_group, tok_tile = [], [], [], [], []
     g_c1, g_flo, g_n, g_dense = [], [], [], []
+    g_req, g_q0, g_len = [], [], []
     p_tiles, d_tiles, p_tile_group, d_tile_group = [], [], [], []
     pool_req, pool_blk = [], []
     n_groups = 0
@@ -152,11 +156,12 @@ def build_plan(
         # groups: [lo, hi] position range of each
         if mode == "token" or decode:
             lo = hi = pos
+            lens = torch.ones_like(pos)
             groups_of = n_groups + torch.arange(n_q)
         else:
-            firsts, lens = _aligned_pieces(ctx, L, T_tile)
-            lo, hi = firsts, firsts + lens - 1
-            groups_of = n_groups + torch.repeat_interleave(torch.arange(len(firsts)), lens)
+            lo, lens = _aligned_pieces(ctx, L, T_tile)
+            hi = lo + lens - 1
+            groups_of = n_groups + torch.repeat_interleave(torch.arange(len(lo)), lens)
         n_groups += len(lo)
         right = cfg.moba_decoder_top_k_right if decode else cfg.moba_encoder_top_k_right
         limit = cfg.decoder_seq_limit if decode else cfg.encoder_seq_limit
@@ -166,6 +171,9 @@ def build_plan(
         g_flo.append(torch.where(is_dense, 0, torch.clamp(lo // B - cfg.moba_local_blocks, min=0)))
         g_n.append(torch.where(is_dense, c1 + 1, right))
         g_dense.append(is_dense)
+        g_req.append(torch.full_like(lo, r))
+        g_q0.append(q_lo + lo - ctx)
+        g_len.append(lens)
         # kernel tiles
         firsts, lens = _aligned_pieces(ctx, L, 1 if decode else tpt)
         base = n_dtiles if decode else n_ptiles
@@ -222,6 +230,7 @@ def build_plan(
         slot_mapping=slot_mapping.to(dev),
         group_c1=c1_all.to(**i32), group_flo=cat(g_flo).to(**i32), group_n=n_all.to(**i32),
         group_dense=cat(g_dense, torch.bool).to(dev),
+        group_req=cat(g_req).to(**i32), group_q0=cat(g_q0).to(**i32), group_len=cat(g_len).to(**i32),
         prefill=tile_set(p_tiles, 0), decode=tile_set(d_tiles, n_ptiles),
         tile_group=cat(p_tile_group + d_tile_group).to(dev),
         pool_req=cat(pool_req, torch.int32).to(dev), pool_blk=cat(pool_blk, torch.int32).to(dev),

@@ -23,6 +23,76 @@ SENTINEL_K = tl.constexpr(SENTINEL)
 
 
 @triton.jit
+def _attend_blocks(
+    acc, m_i, l_i, i_ptr, it_lo, it_hi,
+    b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    pos_q, m_row, max_pos, o_d, m_d, scale_log2, softcap, window,
+    MOBA_B: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    TOKEN_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Online-softmax attention of the rows over list entries [it_lo, it_hi), BLOCK_N keys at a
+    time. CAUSAL=False: every key precedes every query (no causal or bounds mask)."""
+    SUB: tl.constexpr = MOBA_B // BLOCK_N
+    o_n = tl.arange(0, BLOCK_N)
+    # NOTE: one flat loop over (selected block, sub-tile) keeps the K/V loads pipelined across
+    # blocks; sub-tiles wholly after the tile's last query only load masked (no traffic).
+    for it in range(it_lo * SUB, it_hi * SUB):
+        i_b = it // SUB
+        i_sub = it % SUB
+        j = tl.load(p_blocks + i_b)
+        pos_k = j * MOBA_B + i_sub * BLOCK_N + o_n                               # [BLOCK_N]
+        if CAUSAL:
+            m_k = pos_k <= max_pos
+            i_page = tl.load(p_bt + pos_k // PAGE, mask=m_k, other=0).to(tl.int64)
+        else:
+            i_page = tl.load(p_bt + pos_k // PAGE).to(tl.int64)
+        i_slot = (pos_k % PAGE).to(tl.int64)
+        p_k = k_ptr + i_page[:, None] * stride_kp + i_slot[:, None] * stride_ks + i_hk * stride_kh + o_d[None, :]
+        p_v = v_ptr + i_page[:, None] * stride_vp + i_slot[:, None] * stride_vs + i_hk * stride_vh + o_d[None, :]
+        if CAUSAL:
+            b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
+        else:
+            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+        if IEEE_DOT:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        if HAS_SOFTCAP:
+            b_s = b_s * (scale_log2 / 1.4426950408889634) / softcap
+            b_s = softcap * (2.0 * tl.sigmoid(2.0 * b_s) - 1.0) * 1.4426950408889634
+        else:
+            b_s = b_s * scale_log2
+        if CAUSAL or HAS_WINDOW or TOKEN_MASK:
+            m_s = m_row[:, None]
+            if CAUSAL:
+                m_s = m_s & (pos_k[None, :] <= pos_q[:, None])
+            if HAS_WINDOW:
+                m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
+            if TOKEN_MASK:
+                cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL_K)
+                m_sel = cur == j
+                m_s = m_s & m_sel[:, None]
+                i_ptr += (m_sel & (i_sub == SUB - 1)).to(tl.int32)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        if CAUSAL:
+            b_v = tl.load(p_v, mask=m_k[:, None] & m_d[None, :], other=0.0)
+        else:
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+    return acc, m_i, l_i, i_ptr
+
+
+@triton.jit
 def _sparse_attn_kernel(
     q_ptr,          # [T, H, D]
     k_ptr,          # [N, P, HK, D]
@@ -59,7 +129,6 @@ def _sparse_attn_kernel(
     i_t = tl.program_id(0)
     i_hk = tl.program_id(1)
     i_s = tl.program_id(2)
-    SUB: tl.constexpr = MOBA_B // BLOCK_N
 
     i_req = tl.load(t_req_ptr + i_t).to(tl.int64)
     i_q0 = tl.load(t_q0_ptr + i_t)
@@ -101,50 +170,22 @@ def _sparse_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    o_n = tl.arange(0, BLOCK_N)
 
-    # NOTE: one flat loop over (selected block, sub-tile) keeps the K/V loads pipelined across
-    # blocks; sub-tiles wholly after the tile's last query only load masked (no traffic).
-    for it in range(it_lo * SUB, it_hi * SUB):
-        i_b = it // SUB
-        i_sub = it % SUB
-        j = tl.load(p_blocks + i_b)
-        pos_k = j * MOBA_B + i_sub * BLOCK_N + o_n                               # [BLOCK_N]
-        m_k = pos_k <= max_pos
-        i_page = tl.load(p_bt + pos_k // PAGE, mask=m_k, other=0).to(tl.int64)
-        i_slot = (pos_k % PAGE).to(tl.int64)
-        p_k = k_ptr + i_page[:, None] * stride_kp + i_slot[:, None] * stride_ks + i_hk * stride_kh + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
-        if IEEE_DOT:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_k))
-        if HAS_SOFTCAP:
-            b_s = b_s * (scale_log2 / 1.4426950408889634) / softcap
-            b_s = softcap * (2.0 * tl.sigmoid(2.0 * b_s) - 1.0) * 1.4426950408889634
-        else:
-            b_s = b_s * scale_log2
-        m_s = m_row[:, None] & (pos_k[None, :] <= pos_q[:, None])
-        if HAS_WINDOW:
-            m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
-        if TOKEN_MASK:
-            cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL_K)
-            m_sel = cur == j
-            m_s = m_s & m_sel[:, None]
-            i_ptr += (m_sel & (i_sub == SUB - 1)).to(tl.int32)
-        b_s = tl.where(m_s, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, axis=1)
-        p_v = v_ptr + i_page[:, None] * stride_vp + i_slot[:, None] * stride_vs + i_hk * stride_vh + o_d[None, :]
-        b_v = tl.load(p_v, mask=m_k[:, None] & m_d[None, :], other=0.0)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        m_i = m_new
+    # Blocks wholly before the tile's first query need no causal mask. Lists are ascending and
+    # hold the tile's own blocks [c0, c1] last, so the first n_blk - (c1 - c0 + 1) entries are
+    # such blocks (were an own block missing, fewer run unmasked: still exact).
+    n_full = tl.maximum(n_blk - (max_pos // MOBA_B - pos0 // MOBA_B + 1), 0)
+    mid = tl.minimum(tl.maximum(n_full, it_lo), it_hi)
+    acc, m_i, l_i, i_ptr = _attend_blocks(
+        acc, m_i, l_i, i_ptr, it_lo, mid, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+        pos_q, m_row, max_pos, o_d, m_d, scale_log2, softcap, window,
+        MOBA_B, PAGE, BLOCK_N, False, TOKEN_MASK, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+    acc, m_i, l_i, i_ptr = _attend_blocks(
+        acc, m_i, l_i, i_ptr, mid, it_hi, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+        pos_q, m_row, max_pos, o_d, m_d, scale_log2, softcap, window,
+        MOBA_B, PAGE, BLOCK_N, True, TOKEN_MASK, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     b_o = acc / l_safe[:, None]
@@ -160,14 +201,22 @@ def _sparse_attn_kernel(
 
 
 def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *, block_size, scale,
-                       softcap, window, block_m, num_splits) -> None:
+                       softcap, window, block_m, num_splits, block_n=None, num_warps=None,
+                       num_stages=None) -> None:
     """Launch the kernel over `tiles` (a plan TileSet); `out` is [T, H, D] when num_splits == 1,
     else [NT, H, num_splits, D] float32 partials with `lse` [NT, H, num_splits] (one-token tiles)."""
     T, H, D = q.shape
     HK = k_cache.shape[2]
     G = H // HK
     P = k_cache.shape[1]
-    block_n = min(64, block_size)
+    D_pow2 = next_pow2(max(D, 16))
+    # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128)
+    if block_n is None:
+        block_n = min(128 if block_m >= 64 else 64, block_size)
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 and D >= 128 else 4
+    if num_stages is None:
+        num_stages = 2
     member = sel.member_blocks
     token_mask = member is not None
     if member is None:
@@ -189,11 +238,11 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
         sel.tile_blocks.stride(0), sel.tile_blocks.stride(1), sel.tile_nblocks.stride(0),
         member.stride(0), member.stride(1),
         scale * LOG2E, float(softcap), int(window),
-        G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), MOBA_B=block_size, PAGE=P,
+        G=G, D=D, BLOCK_D=D_pow2, MOBA_B=block_size, PAGE=P,
         BLOCK_M=block_m, BLOCK_N=block_n, W_POW2=next_pow2(W), W=W,
         TOKEN_MASK=token_mask, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap > 0, HAS_WINDOW=window > 0, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=8 if block_m >= 128 and D >= 128 else 4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 

@@ -94,11 +94,12 @@ def dense_selection(plan: MobaPlan, num_kv_heads: int) -> Selection:
 
 
 def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: SelectParams,
-           scorer: Callable | None = None) -> Selection:
+           backend: str = "torch") -> Selection:
     """Select blocks for every token of the step.
 
-    q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D]. `scorer(q, summary_cache, plan, t_lo, t_hi,
-    nbv)` returns raw scores [t_hi - t_lo, H, NBV] float32; default: torch.
+    q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D]. backend `torch` scores with torch ops,
+    `triton` with the Triton kernels (fused group scores in `shared` mode, fused top-k for
+    decode-only steps).
     """
     HK = summary_cache.shape[3]
     if p.dense:
@@ -108,6 +109,16 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
     dev = q.device
     nbv = max(plan.num_visible_blocks, 1)
     k = max(plan.max_select, 1)
+    scorer: Callable | None = None
+    if backend == "triton":
+        from moba_backend.ops.select import triton_impl
+
+        if plan.prefill.num == 0:
+            return triton_impl.decode_select_fwd(q, summary_cache, plan, p)
+        if p.mode == "shared":
+            g = triton_impl.group_scores_fwd(q, summary_cache, plan, p.gate, p.sink_blocks, p.scale)
+            return _shared_lists(g, plan, k, nbv, HK)
+        scorer = triton_impl.triton_scorer(p.gate)
     if scorer is None:
         num_blocks = (plan.seq_lens.long() // p.block_size)
         summaries = read_block_summaries(summary_cache, plan.block_table, num_blocks, p.block_size,
@@ -155,15 +166,22 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
         groups = torch.arange(plan.num_groups, device=dev)
         forced, visible = forced_mask(plan, groups, nbv, p.sink_blocks)
         g = torch.where(forced[:, None, :], float("inf"), torch.where(visible[:, None, :], acc, float("-inf")))
-        top = g.topk(min(k, nbv), dim=-1).indices
-        keep = torch.arange(top.shape[-1], device=dev)[None, None, :] < plan.group_n.long()[:, None, None]
-        acc = torch.zeros(plan.num_groups, HK, nbv, dtype=torch.bool, device=dev)
-        acc.scatter_(2, torch.where(keep, top, top[..., :1]), True)
+        return _shared_lists(g, plan, k, nbv, HK)
     lists, counts = _lists_from_mask(acc)
     if p.mode == "token":
         w = max(1, int(members.ne(SENTINEL).sum(-1).max())) if T else 1
         return Selection(lists, counts, members[..., :w].contiguous())
     # union / shared: kernel tiles take their group's list
+    return Selection(lists[plan.tile_group].contiguous(), counts[plan.tile_group].contiguous(), None)
+
+
+def _shared_lists(g: torch.Tensor, plan: MobaPlan, k: int, nbv: int, HK: int) -> Selection:
+    """Group scores [NG, HK, NBV] (forced +inf, invalid -inf) -> each group's top n, as tile lists."""
+    top = g.topk(min(k, nbv), dim=-1).indices
+    keep = torch.arange(top.shape[-1], device=g.device)[None, None, :] < plan.group_n.long()[:, None, None]
+    mask = torch.zeros(plan.num_groups, HK, nbv, dtype=torch.bool, device=g.device)
+    mask.scatter_(2, torch.where(keep, top, top[..., :1]), True)
+    lists, counts = _lists_from_mask(mask)
     return Selection(lists[plan.tile_group].contiguous(), counts[plan.tile_group].contiguous(), None)
 
 

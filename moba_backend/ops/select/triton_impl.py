@@ -93,3 +93,345 @@ def triton_scorer(gate: str):
     def scorer(q, summary_cache, plan, t_lo, t_hi, nbv):
         return gate_scores_fwd(q, summary_cache, plan, t_lo, t_hi, nbv, gate)
     return scorer
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused selection kernels. Both read summaries through the block table, like the score kernel.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, slot_off,
+                  stride_sp, stride_sslot, stride_sh, MOBA_B: tl.constexpr, PAGE: tl.constexpr):
+    """Summary vectors of blocks o_j (one slot of S): [BLOCK_J, BLOCK_D] float32."""
+    last = o_j * MOBA_B + MOBA_B - 1
+    i_page = tl.load(bt_row + last // PAGE, mask=m_j, other=0).to(tl.int64)
+    slot = (last % PAGE) // MOBA_B
+    p = s_ptr + i_page[:, None] * stride_sp + slot[:, None] * stride_sslot + slot_off + i_hk * stride_sh + o_d[None, :]
+    return tl.load(p, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
+            MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr):
+    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] (float32) against blocks o_j: [BLOCK_M, BLOCK_J]."""
+    b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot, stride_sh,
+                         MOBA_B, PAGE)
+    if MINMAX:
+        b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp, stride_sslot,
+                             stride_sh, MOBA_B, PAGE)
+        q_pos = tl.maximum(b_q, 0.0)
+        q_neg = tl.minimum(b_q, 0.0)
+        if IEEE:
+            return tl.dot(q_pos, tl.trans(b_s0), input_precision="ieee") + \
+                tl.dot(q_neg, tl.trans(b_s1), input_precision="ieee")
+        return tl.dot(q_pos, tl.trans(b_s0)) + tl.dot(q_neg, tl.trans(b_s1))
+    if IEEE:
+        return tl.dot(b_q, tl.trans(b_s0), input_precision="ieee")
+    return tl.dot(b_q, tl.trans(b_s0))
+
+
+@triton.jit
+def _group_score_kernel(
+    q_ptr,          # [T, H, D]
+    s_ptr,          # [N, SLOTS, S, HK, D]
+    bt_ptr,         # [R, max_pages] int32
+    g_req_ptr, g_q0_ptr, g_len_ptr, g_c1_ptr, g_flo_ptr,   # [NG] int32
+    o_ptr,          # [NG, HK, NBV] float32 group scores (+inf forced, -inf past c1)
+    stride_qt, stride_qh,
+    stride_sp, stride_sslot, stride_ss, stride_sh,
+    stride_bt, stride_og, stride_oh,
+    scale, sink, NBV,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_J: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr,
+):
+    """`shared` mode: group score max_m softmax_cand(s[m, :] * scale)[j] for one (group, KV head).
+
+    Two passes over the candidates per tile of members: the softmax statistics, then the
+    probabilities folded into the program's own output row (no other program writes it).
+    """
+    i_g = tl.program_id(0)
+    i_hk = tl.program_id(1)
+    i_req = tl.load(g_req_ptr + i_g).to(tl.int64)
+    q0 = tl.load(g_q0_ptr + i_g)
+    n_rows = tl.load(g_len_ptr + i_g) * G
+    c1 = tl.load(g_c1_ptr + i_g)
+    flo = tl.load(g_flo_ptr + i_g)
+    bt_row = bt_ptr + i_req * stride_bt
+    p_out = o_ptr + i_g * stride_og + i_hk * stride_oh
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_jj = tl.arange(0, BLOCK_J)
+    # forced / past-the-group values, and -inf under the candidates to max into
+    for j0 in range(0, NBV, BLOCK_J):
+        o_j = j0 + o_jj
+        forced = (o_j <= c1) & ((o_j < sink) | (o_j >= flo))
+        val = tl.where(forced, float("inf"), float("-inf"))
+        tl.store(p_out + o_j, val, mask=o_j < NBV)
+    for r0 in range(0, n_rows, BLOCK_M):
+        o_m = r0 + tl.arange(0, BLOCK_M)
+        m_row = o_m < n_rows
+        i_q = (q0 + o_m // G).to(tl.int64)
+        i_h = i_hk * G + o_m % G
+        b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                      mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j0 in range(sink, flo, BLOCK_J):
+            o_j = j0 + o_jj
+            m_j = o_j < flo
+            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE) * scale
+            b_s = tl.where(m_j[None, :], b_s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(b_s - m_new[:, None]), axis=1)
+            m_i = m_new
+        for j0 in range(sink, flo, BLOCK_J):
+            o_j = j0 + o_jj
+            m_j = o_j < flo
+            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE) * scale
+            b_p = tl.exp(b_s - m_i[:, None]) / l_i[:, None]
+            b_p = tl.where(m_row[:, None], b_p, float("-inf"))
+            old = tl.load(p_out + o_j, mask=m_j, other=float("-inf"))
+            tl.store(p_out + o_j, tl.maximum(old, tl.max(b_p, axis=0)), mask=m_j)
+
+
+def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, gate: str,
+                     sink: int, scale: float) -> torch.Tensor:
+    """`shared` group scores of every group: [NG, HK, NBV] float32, forced +inf, past c1 -inf.
+
+    q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
+    """
+    T, H, D = q.shape
+    HK = summary_cache.shape[3]
+    nbv = max(plan.num_visible_blocks, 1)
+    out = torch.empty(plan.num_groups, HK, nbv, dtype=torch.float32, device=q.device)
+    if plan.num_groups == 0:
+        return out
+    _group_score_kernel[(plan.num_groups, HK)](
+        q, summary_cache, plan.block_table, plan.group_req, plan.group_q0, plan.group_len,
+        plan.group_c1, plan.group_flo, out,
+        q.stride(0), q.stride(1),
+        summary_cache.stride(0), summary_cache.stride(1), summary_cache.stride(2), summary_cache.stride(3),
+        plan.block_table.stride(0), out.stride(0), out.stride(1),
+        float(scale), int(sink), nbv,
+        G=H // HK, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=64, BLOCK_J=64,
+        MOBA_B=plan.block_size, PAGE=plan.page_size, MINMAX=gate == "minmax",
+        IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return out
+
+
+MODE_IDS = {"token": 0, "union": 1, "shared": 2}
+
+
+@triton.jit
+def _decode_select_kernel(
+    q_ptr,          # [T, H, D]
+    s_ptr,          # [N, SLOTS, S, HK, D]
+    bt_ptr,         # [R, max_pages] int32
+    t_req_ptr, t_q0_ptr,                      # [NT] int32 decode tiles (one token each)
+    tok_group_ptr,                            # [T] int64
+    g_c1_ptr, g_flo_ptr, g_n_ptr,             # [NG] int32
+    scr_ptr,        # [NT, HK, BLOCK_G + 1, NBV_P] float32 scratch
+    blocks_ptr,     # [NT, HK, LW] int32 out: ascending block list of the tile
+    nblocks_ptr,    # [NT, HK] int32 out
+    member_ptr,     # [T, H, W] int32 out (MODE == 0): ascending per-head lists, SENTINEL-padded
+    stride_qt, stride_qh,
+    stride_sp, stride_sslot, stride_ss, stride_sh,
+    stride_bt,
+    stride_scr_t, stride_scr_h, stride_scr_g,
+    stride_lt, stride_lh, stride_nt,
+    stride_mt, stride_mh,
+    scale, sink,
+    W: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr, MODE: tl.constexpr, ITERS: tl.constexpr,
+):
+    """Selection of one decode token x one KV head, fused: scores -> threshold -> sorted lists.
+
+    Each selecting row (a head in `token`/`union`, the group score in `shared`) takes the forced
+    blocks plus the candidates scoring >= a threshold found by bisection so that exactly
+    n - forced candidates pass: the same n = right as the prefill path, so a decode step equals
+    a one-token prefill. Ties that no threshold separates (or that 40 halvings of the score
+    range did not) are broken by block index.
+    """
+    i_t = tl.program_id(0)
+    i_hk = tl.program_id(1)
+    i_req = tl.load(t_req_ptr + i_t).to(tl.int64)
+    i_q = tl.load(t_q0_ptr + i_t).to(tl.int64)
+    i_grp = tl.load(tok_group_ptr + i_q)
+    c1 = tl.load(g_c1_ptr + i_grp)
+    flo = tl.load(g_flo_ptr + i_grp)
+    n_sel = tl.load(g_n_ptr + i_grp)
+    n_forced = (c1 + 1 - flo) + tl.minimum(sink, flo)
+    n_cand = tl.maximum(flo - sink, 0)
+    k_hi = n_sel - n_forced
+    k_lo = k_hi
+    bt_row = bt_ptr + i_req * stride_bt
+
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < G
+    i_h = i_hk * G + o_g
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_jj = tl.arange(0, BLOCK_J)
+    b_q = tl.load(q_ptr + i_q * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                  mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    p_scr = scr_ptr + i_t * stride_scr_t + i_hk * stride_scr_h
+
+    # pass 1: candidate scores into the scratch rows
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for j0 in range(0, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_c = (o_j >= sink) & (o_j < flo)
+        b_s = _scores(b_q, s_ptr, bt_row, o_j, o_j < flo, i_hk, o_d, m_d, stride_sp, stride_sslot,
+                      stride_ss, stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
+        b_s = tl.where(m_c[None, :] & m_g[:, None], b_s, float("-inf"))
+        if MODE == 2:
+            b_s = b_s * scale
+            m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(b_s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        tl.store(p_scr + o_g[:, None] * stride_scr_g + o_j[None, :], b_s)
+    # the rows that select: heads, or (shared) one group-score row kept at scratch row BLOCK_G
+    if MODE == 2:
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        for j0 in range(0, flo, BLOCK_J):
+            o_j = j0 + o_jj
+            b_s = tl.load(p_scr + o_g[:, None] * stride_scr_g + o_j[None, :])
+            b_p = tl.where(m_g[:, None], tl.exp(b_s - m_safe[:, None]) / l_safe[:, None], float("-inf"))
+            b_p = tl.where(((o_j >= sink) & (o_j < flo))[None, :], b_p, float("-inf"))
+            tl.store(p_scr + BLOCK_G * stride_scr_g + o_j, tl.max(b_p, axis=0))
+        r_row = tl.where(o_g == 0, BLOCK_G, 0)
+        m_r = o_g == 0
+    else:
+        r_row = o_g
+        m_r = m_g
+    p_rows = p_scr + r_row[:, None] * stride_scr_g
+
+    # bisection on the threshold, per row
+    lo = tl.full([BLOCK_G], float("inf"), dtype=tl.float32)
+    hi = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    for j0 in range(0, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_c = (o_j >= sink) & (o_j < flo)
+        b_s = tl.load(p_rows + o_j[None, :])
+        lo = tl.minimum(lo, tl.min(tl.where(m_c[None, :], b_s, float("inf")), axis=1))
+        hi = tl.maximum(hi, tl.max(tl.where(m_c[None, :], b_s, float("-inf")), axis=1))
+    # count at the top score: when even the top value is held by more than k_hi candidates
+    # (exact ties), no threshold separates them and the ties are broken by index below
+    cnt_hi = tl.zeros([BLOCK_G], dtype=tl.int32)
+    for j0 in range(0, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_c = (o_j >= sink) & (o_j < flo)
+        b_s = tl.load(p_rows + o_j[None, :])
+        cnt_hi += tl.sum((m_c[None, :] & (b_s >= hi[:, None])).to(tl.int32), axis=1)
+    done = (~m_r) | (n_cand <= k_hi) | ((cnt_hi >= k_lo) & (cnt_hi <= k_hi))
+    tau = tl.where(n_cand <= k_hi, float("-inf"), hi)
+    hi_incl = cnt_hi < k_lo          # invariant when True: fewer than k_lo candidates score >= hi
+    it = 0
+    while (it < ITERS) & (tl.sum((~done).to(tl.int32), axis=0) > 0):
+        mid = (lo + hi) * 0.5
+        cnt = tl.zeros([BLOCK_G], dtype=tl.int32)
+        for j0 in range(0, flo, BLOCK_J):
+            o_j = j0 + o_jj
+            m_c = (o_j >= sink) & (o_j < flo)
+            b_s = tl.load(p_rows + o_j[None, :])
+            cnt += tl.sum((m_c[None, :] & (b_s >= mid[:, None])).to(tl.int32), axis=1)
+        ok = (cnt >= k_lo) & (cnt <= k_hi) & (~done)
+        tau = tl.where(ok, mid, tau)
+        done = done | ok
+        lo = tl.where((~done) & (cnt > k_hi), mid, lo)
+        hi_incl = hi_incl | ((~done) & (cnt < k_lo))
+        hi = tl.where((~done) & (cnt < k_lo), mid, hi)
+        it += 1
+    # rows left undone hold exact ties in [lo, hi]: take those above, then ties by block index
+    n_above = tl.zeros([BLOCK_G], dtype=tl.int32)
+    for j0 in range(0, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_c = (o_j >= sink) & (o_j < flo)
+        b_s = tl.load(p_rows + o_j[None, :])
+        above = tl.where(hi_incl[:, None], b_s >= hi[:, None], b_s > hi[:, None])
+        n_above += tl.sum((m_c[None, :] & above).to(tl.int32), axis=1)
+    tie_need = tl.where(done, 0, k_lo - n_above)
+
+    # compaction: ascending lists
+    n_mem = tl.zeros([BLOCK_G], dtype=tl.int32)
+    n_tie = tl.zeros([BLOCK_G], dtype=tl.int32)
+    n_uni = 0
+    p_mem = member_ptr + i_q * stride_mt + i_h * stride_mh
+    p_blk = blocks_ptr + i_t * stride_lt + i_hk * stride_lh
+    for j0 in range(0, c1 + 1, BLOCK_J):
+        o_j = j0 + o_jj
+        m_c = (o_j >= sink) & (o_j < flo)
+        forced = (o_j <= c1) & ((o_j < sink) | (o_j >= flo))
+        b_s = tl.load(p_rows + o_j[None, :], mask=m_c[None, :], other=float("-inf"))
+        above = tl.where(hi_incl[:, None], b_s >= hi[:, None], b_s > hi[:, None])
+        take = m_c[None, :] & tl.where(done[:, None], b_s >= tau[:, None], above)
+        ties = m_c[None, :] & (b_s >= lo[:, None]) & (~above) & (tie_need[:, None] > 0)
+        tie_rank = n_tie[:, None] + tl.cumsum(ties.to(tl.int32), axis=1)
+        take = take | (ties & (tie_rank <= tie_need[:, None]))
+        n_tie += tl.sum(ties.to(tl.int32), axis=1)
+        sel = (forced[None, :] | take) & m_r[:, None]
+        if MODE == 0:
+            pos = n_mem[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1
+            tl.store(p_mem[:, None] + pos, o_j[None, :].broadcast_to(BLOCK_G, BLOCK_J), mask=sel & (pos < W))
+            n_mem += tl.sum(sel.to(tl.int32), axis=1)
+        uni = tl.max(sel.to(tl.int32), axis=0)
+        upos = n_uni + tl.cumsum(uni, axis=0) - 1
+        tl.store(p_blk + upos, o_j, mask=uni > 0)
+        n_uni += tl.sum(uni, axis=0)
+    tl.store(nblocks_ptr + i_t * stride_nt + i_hk, n_uni)
+    if MODE == 0:
+        for w0 in range(0, W, BLOCK_W):
+            o_w = w0 + tl.arange(0, BLOCK_W)
+            tl.store(p_mem[:, None] + o_w[None, :], tl.full([BLOCK_G, BLOCK_W], 1 << 30, tl.int32),
+                     mask=m_g[:, None] & (o_w[None, :] >= n_mem[:, None]) & (o_w[None, :] < W))
+
+
+def decode_select_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p) -> "Selection":
+    """Selection of a decode-only step in one launch: tile lists [NT, HK, LW] and, in `token`
+    mode, member lists [T, H, W]. No host sync: shapes come from the plan (CUDA-graph safe).
+
+    q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D]; p: SelectParams.
+    """
+    from moba_backend.ops.select.fast import Selection
+
+    T, H, D = q.shape
+    HK = summary_cache.shape[3]
+    G = H // HK
+    nbv = max(plan.num_visible_blocks, 1)
+    W = max(plan.max_select, 1)
+    LW = W if p.mode == "shared" else min(nbv, G * W)
+    tiles = plan.decode
+    block_j = 64
+    block_g = max(16, next_pow2(G))
+    nbv_p = triton.cdiv(nbv, block_j) * block_j
+    dev = q.device
+    scratch = torch.empty(tiles.num, HK, block_g + 1, nbv_p, dtype=torch.float32, device=dev)
+    blocks = torch.empty(tiles.num, HK, LW, dtype=torch.int32, device=dev)
+    nblocks = torch.empty(tiles.num, HK, dtype=torch.int32, device=dev)
+    members = torch.empty(T, H, W, dtype=torch.int32, device=dev) if p.mode == "token" else blocks
+    if tiles.num:
+        _decode_select_kernel[(tiles.num, HK)](
+            q, summary_cache, plan.block_table, tiles.req, tiles.q0, plan.token_group,
+            plan.group_c1, plan.group_flo, plan.group_n,
+            scratch, blocks, nblocks, members,
+            q.stride(0), q.stride(1),
+            summary_cache.stride(0), summary_cache.stride(1), summary_cache.stride(2), summary_cache.stride(3),
+            plan.block_table.stride(0),
+            scratch.stride(0), scratch.stride(1), scratch.stride(2),
+            blocks.stride(0), blocks.stride(1), nblocks.stride(0),
+            members.stride(0), members.stride(1),
+            float(p.scale), int(p.sink_blocks),
+            W=W, G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_G=block_g, BLOCK_J=block_j,
+            BLOCK_W=min(64, next_pow2(W)), MOBA_B=plan.block_size, PAGE=plan.page_size,
+            MINMAX=p.gate == "minmax", IEEE=q.dtype == torch.float32, MODE=MODE_IDS[p.mode], ITERS=40,
+            num_warps=4,
+        )
+    return Selection(blocks, nblocks, members if p.mode == "token" else None)

@@ -1,0 +1,106 @@
+"""Sweep the sparse attention kernel's launch parameters on the GPU with a fixed selection.
+
+    python benchmarks/tune_attention.py            # Llama-3-8B shapes, 32K and 128K
+
+Prints the median time of each configuration (triton.testing.do_bench) for prefill (`shared`
+selection, 60 blocks of 128 per tile) and decode (batch 16, 120 blocks), beside dense SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+
+from moba_backend.attention import MobaAttention
+from moba_backend.config import MobaConfig
+from moba_backend.ops.decode.triton_impl import merge_splits, num_splits_for
+from moba_backend.ops.prefill.triton_impl import sparse_attn_launch
+from moba_backend.ops.select.fast import select
+from moba_backend.plan import build_plan
+
+
+def make_step(L, batch, decode, H=32, HK=8, D=128, P=16, mode="shared", dtype=torch.bfloat16):
+    cfg = MobaConfig(moba_tile_select=mode)
+    pages = (L + P - 1) // P
+    N = pages * batch + 1
+    perm = torch.randperm(N - 1) + 1
+    bt = perm[: pages * batch].view(batch, pages).int()
+    kc = torch.randn(N, P, HK, D, dtype=dtype, device="cuda")
+    vc = torch.randn_like(kc)
+    n_q = 1 if decode else L
+    qsl = torch.arange(batch + 1, dtype=torch.int32) * n_q
+    sl = torch.full((batch,), L, dtype=torch.int32)
+    pos = torch.arange(L - n_q, L)
+    slots = torch.cat([bt[r, pos // P].long() * P + pos % P for r in range(batch)])
+    plan = build_plan(cfg, qsl, sl, bt, slots, torch.full((batch,), decode), P, H, HK, device="cuda")
+    layer = MobaAttention(cfg, H, HK, D, impl="triton")
+    sc = torch.randn(layer.summary_shape(N, P), device="cuda")
+    q = torch.randn(batch * n_q, H, D, dtype=dtype, device="cuda")
+    sel = select(q, sc, plan, layer.params, backend="triton")
+    return q, kc, vc, plan, sel, layer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lens", default="32768,131072")
+    ap.add_argument("--decode-len", type=int, default=131072)
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "triton", triton.__version__)
+    for L in [int(x) for x in args.lens.split(",")]:
+        q, kc, vc, plan, sel, layer = make_step(L, 1, False)
+        out = torch.empty_like(q)
+        dense_q = q.view(1, L, 32, 128).transpose(1, 2)
+        dk = torch.randn(1, 8, L, 128, dtype=q.dtype, device="cuda").repeat_interleave(4, 1)
+        t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            dense_q, dk, dk, is_causal=True), return_mode="median")
+        print(f"prefill L={L}: dense sdpa {t_dense:.3f} ms; lists {tuple(sel.tile_blocks.shape)}")
+        for bn, w, st in itertools.product([64, 128], [4, 8], [2, 3]):
+            try:
+                fn = lambda: sparse_attn_launch(q, kc, vc, plan.block_table, plan.prefill, sel, out, None,  # noqa: E731
+                                                block_size=128, scale=128 ** -0.5, softcap=0.0, window=-1,
+                                                block_m=plan.block_m, num_splits=1, block_n=bn,
+                                                num_warps=w, num_stages=st)
+                t = triton.testing.do_bench(fn, return_mode="median")
+                print(f"  block_m={plan.block_m} block_n={bn} warps={w} stages={st}: {t:.3f} ms  "
+                      f"x{t_dense / t:.2f} vs dense")
+            except Exception as e:  # a config that does not fit (shared memory) is skipped
+                print(f"  block_n={bn} warps={w} stages={st}: {type(e).__name__}")
+    q, kc, vc, plan, sel, layer = make_step(args.decode_len, 16, True)
+    out = torch.empty_like(q)
+    T = q.shape[0]
+    for S in [4, 8, 16, 32]:
+        for bn, w, st in itertools.product([64, 128], [4, 8], [2, 3]):
+            o_part = torch.empty(T, 32, S, 128, device="cuda")
+            lse = torch.empty(T, 32, S, device="cuda")
+
+            def fn():
+                sparse_attn_launch(q, kc, vc, plan.block_table, plan.decode, sel, o_part, lse, block_size=128,
+                                   scale=128 ** -0.5, softcap=0.0, window=-1, block_m=16, num_splits=S,
+                                   block_n=bn, num_warps=w, num_stages=st)
+                out[plan.decode.q0.long()] = merge_splits(o_part, lse).to(out.dtype)
+            try:
+                t = triton.testing.do_bench(fn, return_mode="median")
+                print(f"  decode b16 L={args.decode_len} splits={S} block_n={bn} warps={w} stages={st}: {t:.3f} ms")
+            except Exception as e:
+                print(f"  decode splits={S} block_n={bn}: {type(e).__name__}")
+    print("auto splits:", num_splits_for(T, 8, sel.tile_blocks.shape[-1]))
+    sc = torch.randn(layer.summary_shape(kc.shape[0], kc.shape[1]), device="cuda")
+    t_sel = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
+                                    return_mode="median")
+    k = torch.randn(16, 8, args.decode_len, 128, dtype=q.dtype, device="cuda")
+    t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.view(16, 1, 32, 128).transpose(1, 2), k, k, enable_gqa=True), return_mode="median")
+    print(f"decode b16: fused select {t_sel:.3f} ms; dense sdpa {t_dense:.3f} ms")
+    for mode in ("token", "union"):
+        q2, kc2, vc2, plan2, sel2, layer2 = make_step(args.decode_len, 16, True, mode=mode)
+        sc2 = torch.randn(layer2.summary_shape(kc2.shape[0], kc2.shape[1]), device="cuda")
+        t = triton.testing.do_bench(lambda: select(q2, sc2, plan2, layer2.params, backend="triton"),
+                                    return_mode="median")
+        print(f"decode b16 {mode}: fused select {t:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
