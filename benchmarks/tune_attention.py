@@ -47,8 +47,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,131072")
     ap.add_argument("--decode-len", type=int, default=131072)
+    ap.add_argument("--only", default="gate,prefill,decode")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
+    if "gate" in args.only:
+        from moba_backend.ops.select import triton_impl
+        for L in [int(x) for x in args.lens.split(",")]:
+            q, kc, vc, plan, sel, layer = make_step(L, 1, False)
+            sc = torch.randn(layer.summary_shape(kc.shape[0], kc.shape[1]), device="cuda")
+            t_all = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
+                                            return_mode="median")
+            print(f"gate L={L}: full shared select {t_all:.3f} ms")
+            for bm, bj, w in itertools.product([64, 128], [64, 128], [4, 8]):
+                t = triton.testing.do_bench(lambda: triton_impl.group_scores_fwd(
+                    q, sc, plan, "mean", 1, 128 ** -0.5, block_m=bm, block_j=bj, num_warps=w),
+                    return_mode="median")
+                print(f"  group kernel block_m={bm} block_j={bj} warps={w}: {t:.3f} ms")
+    if "prefill" not in args.only:
+        return
     for L in [int(x) for x in args.lens.split(",")]:
         q, kc, vc, plan, sel, layer = make_step(L, 1, False)
         out = torch.empty_like(q)

@@ -113,14 +113,18 @@ def _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, slot_off,
 @triton.jit
 def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
             MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr):
-    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] (float32) against blocks o_j: [BLOCK_M, BLOCK_J]."""
+    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] against blocks o_j: [BLOCK_M, BLOCK_J] float32.
+
+    IEEE: float32 operands, exact float32 products. Otherwise the summaries take b_q's dtype
+    (bf16/fp16 queries: tensor-core dots, the precision the model itself attends with).
+    """
     b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot, stride_sh,
-                         MOBA_B, PAGE)
+                         MOBA_B, PAGE).to(b_q.dtype)
     if MINMAX:
         b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp, stride_sslot,
-                             stride_sh, MOBA_B, PAGE)
-        q_pos = tl.maximum(b_q, 0.0)
-        q_neg = tl.minimum(b_q, 0.0)
+                             stride_sh, MOBA_B, PAGE).to(b_q.dtype)
+        q_pos = tl.maximum(b_q, 0.0).to(b_q.dtype)
+        q_neg = tl.minimum(b_q, 0.0).to(b_q.dtype)
         if IEEE:
             return tl.dot(q_pos, tl.trans(b_s0), input_precision="ieee") + \
                 tl.dot(q_neg, tl.trans(b_s1), input_precision="ieee")
@@ -174,7 +178,7 @@ def _group_score_kernel(
         i_q = (q0 + o_m // G).to(tl.int64)
         i_h = i_hk * G + o_m % G
         b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                      mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+                      mask=m_row[:, None] & m_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j0 in range(sink, flo, BLOCK_J):
@@ -198,8 +202,11 @@ def _group_score_kernel(
 
 
 def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, gate: str,
-                     sink: int, scale: float) -> torch.Tensor:
+                     sink: int, scale: float, block_m: int = 128, block_j: int = 64,
+                     num_warps: int = 4) -> torch.Tensor:
     """`shared` group scores of every group: [NG, HK, NBV] float32, forced +inf, past c1 -inf.
+
+    Launch defaults from benchmarks/tune_attention.py on an H100 (128K tokens, bf16, D 128).
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
     """
@@ -216,9 +223,9 @@ def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPla
         summary_cache.stride(0), summary_cache.stride(1), summary_cache.stride(2), summary_cache.stride(3),
         plan.block_table.stride(0), out.stride(0), out.stride(1),
         float(scale), int(sink), nbv,
-        G=H // HK, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=64, BLOCK_J=64,
+        G=H // HK, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=block_m, BLOCK_J=block_j,
         MOBA_B=plan.block_size, PAGE=plan.page_size, MINMAX=gate == "minmax",
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )
     return out
 
@@ -278,7 +285,7 @@ def _decode_select_kernel(
     m_d = o_d < D
     o_jj = tl.arange(0, BLOCK_J)
     b_q = tl.load(q_ptr + i_q * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                  mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+                  mask=m_g[:, None] & m_d[None, :], other=0.0)
     p_scr = scr_ptr + i_t * stride_scr_t + i_hk * stride_scr_h
 
     # pass 1: candidate scores into the scratch rows
