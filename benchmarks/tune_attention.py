@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--lens", default="32768,131072")
     ap.add_argument("--decode-len", type=int, default=131072)
     ap.add_argument("--only", default="gate,prefill,decode")
+    ap.add_argument("--pages", default="16")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
     if "gate" in args.only:
@@ -65,9 +66,11 @@ def main() -> None:
                 print(f"  group kernel block_m={bm} block_j={bj} warps={w}: {t:.3f} ms")
     if "prefill" not in args.only:
         return
-    for L in [int(x) for x in args.lens.split(",")]:
-        q, kc, vc, plan, sel, layer = make_step(L, 1, False)
+    pages = [int(x) for x in args.pages.split(",")]
+    for L, P in itertools.product([int(x) for x in args.lens.split(",")], pages):
+        q, kc, vc, plan, sel, layer = make_step(L, 1, False, P=P)
         out = torch.empty_like(q)
+        print(f"page size {P}")
         dense_q = q.view(1, L, 32, 128).transpose(1, 2)
         dk = torch.randn(1, 8, L, 128, dtype=q.dtype, device="cuda").repeat_interleave(4, 1)
         t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
@@ -84,6 +87,8 @@ def main() -> None:
                       f"x{t_dense / t:.2f} vs dense")
             except Exception as e:  # a config that does not fit (shared memory) is skipped
                 print(f"  block_n={bn} warps={w} stages={st}: {type(e).__name__}")
+    if "decode" not in args.only:
+        return
     q, kc, vc, plan, sel, layer = make_step(args.decode_len, 16, True)
     out = torch.empty_like(q)
     T = q.shape[0]
