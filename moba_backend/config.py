@@ -47,7 +47,7 @@ class MobaConfig(BaseModel):
     moba_sink_blocks: int = 1
     moba_local_blocks: int = 1
     moba_query_tile: int = 128
-    moba_tile_select: TileSelect = "token"
+    moba_tile_select: TileSelect = "shared"
     moba_dense_layers: tuple[int, ...] = ()
 
     @field_validator("moba_dense_layers", mode="before")
