@@ -113,18 +113,19 @@ def _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, slot_off,
 @triton.jit
 def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
             MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr):
-    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] against blocks o_j: [BLOCK_M, BLOCK_J] float32.
+    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] float32 against blocks o_j: [BLOCK_M, BLOCK_J].
 
-    IEEE: float32 operands, exact float32 products. Otherwise the summaries take b_q's dtype
-    (bf16/fp16 queries: tensor-core dots, the precision the model itself attends with).
+    IEEE: exact float32 products; otherwise tf32 tensor-core dots. NOTE: bf16 operands were
+    measured to flip 0.8-1.6% of selections against the float32 reference on random inputs
+    (near-ties), for about 1 ms of 10 at 128K tokens: not worth it.
     """
     b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot, stride_sh,
-                         MOBA_B, PAGE).to(b_q.dtype)
+                         MOBA_B, PAGE)
     if MINMAX:
         b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp, stride_sslot,
-                             stride_sh, MOBA_B, PAGE).to(b_q.dtype)
-        q_pos = tl.maximum(b_q, 0.0).to(b_q.dtype)
-        q_neg = tl.minimum(b_q, 0.0).to(b_q.dtype)
+                             stride_sh, MOBA_B, PAGE)
+        q_pos = tl.maximum(b_q, 0.0)
+        q_neg = tl.minimum(b_q, 0.0)
         if IEEE:
             return tl.dot(q_pos, tl.trans(b_s0), input_precision="ieee") + \
                 tl.dot(q_neg, tl.trans(b_s1), input_precision="ieee")
@@ -178,7 +179,7 @@ def _group_score_kernel(
         i_q = (q0 + o_m // G).to(tl.int64)
         i_h = i_hk * G + o_m % G
         b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                      mask=m_row[:, None] & m_d[None, :], other=0.0)
+                      mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j0 in range(sink, flo, BLOCK_J):
@@ -202,11 +203,11 @@ def _group_score_kernel(
 
 
 def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, gate: str,
-                     sink: int, scale: float, block_m: int = 128, block_j: int = 64,
+                     sink: int, scale: float, block_m: int = 64, block_j: int = 64,
                      num_warps: int = 4) -> torch.Tensor:
     """`shared` group scores of every group: [NG, HK, NBV] float32, forced +inf, past c1 -inf.
 
-    Launch defaults from benchmarks/tune_attention.py on an H100 (128K tokens, bf16, D 128).
+    Launch defaults measured with benchmarks/tune_attention.py on an H100 (128K tokens, D 128).
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
     """
@@ -285,7 +286,7 @@ def _decode_select_kernel(
     m_d = o_d < D
     o_jj = tl.arange(0, BLOCK_J)
     b_q = tl.load(q_ptr + i_q * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                  mask=m_g[:, None] & m_d[None, :], other=0.0)
+                  mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     p_scr = scr_ptr + i_t * stride_scr_t + i_hk * stride_scr_h
 
     # pass 1: candidate scores into the scratch rows
