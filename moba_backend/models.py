@@ -39,10 +39,27 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _write_weight_index(model_dir: Path) -> None:
+    """Name the model's weight file in `model.safetensors.index.json`, so that loaders which take
+    every `*.safetensors` of an unindexed folder (vLLM) skip other files there, such as the
+    learned gate's `moba_mlp_weight.safetensors`."""
+    import json
+
+    from safetensors import safe_open
+
+    if (model_dir / "model.safetensors.index.json").exists():
+        return
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
 def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """A Hugging Face checkpoint of the embedded model, converted on first use."""
     target = Path(cache_dir) if cache_dir else cache_root() / EMBEDDED_NAME
     if (target / "config.json").is_file():
+        _write_weight_index(target)   # checkpoints converted before the index existed
         return target
     gguf = embedded_gguf_path()
     logger.warning("converting the embedded model %s into %s (once; about a minute)", gguf.name, target)
@@ -63,6 +80,7 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_weight_index(tmp)
         try:
             tmp.rename(target)          # atomic: a concurrent converter finds a whole checkpoint
         except OSError:

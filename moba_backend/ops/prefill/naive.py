@@ -36,22 +36,25 @@ def sparse_attention(
     for r in torch.unique(req).tolist():
         idx = (req == r).nonzero().flatten()
         L = int(pos_all[idx].max()) + 1
-        k = gather_positions(k_cache, block_table[r], 0, L).float().repeat_interleave(G, dim=1)  # [L, H, D]
-        v = gather_positions(v_cache, block_table[r], 0, L).float().repeat_interleave(G, dim=1)
-        key_pos = torch.arange(L, device=dev)
+        k = gather_positions(k_cache, block_table[r], 0, L)                       # [L, HK, D]
+        v = gather_positions(v_cache, block_table[r], 0, L)
         for i in range(0, idx.numel(), q_chunk):
             ti = idx[i:i + q_chunk]
             pos = pos_all[ti]                                                   # [t]
-            s = torch.einsum("thd,lhd->thl", q[ti].float(), k) * scale          # [t, H, L]
+            blk = sel[ti.cpu() if sel.device.type == "cpu" else ti].to(dev)    # [t, H, NBV]
+            # only the keys of blocks some query of the chunk selected (the rest are masked anyway)
+            blocks = blk.any(0).any(0).nonzero().flatten()
+            key_pos = (blocks[:, None] * block_size + torch.arange(block_size, device=dev)).flatten()
+            key_pos = key_pos[key_pos <= pos.max()]
+            kc = k[key_pos].float().repeat_interleave(G, dim=1)                 # [l, H, D]
+            vc = v[key_pos].float().repeat_interleave(G, dim=1)
+            s = torch.einsum("thd,lhd->thl", q[ti].float(), kc) * scale         # [t, H, l]
             if softcap > 0:
                 s = softcap * torch.tanh(s / softcap)
-            allowed = key_pos[None, :] <= pos[:, None]                          # causal [t, L]
+            allowed = key_pos[None, :] <= pos[:, None]                          # causal [t, l]
             if window > 0:
                 allowed &= pos[:, None] - key_pos[None, :] < window
-            blk = sel[ti.cpu() if sel.device.type == "cpu" else ti].to(dev)    # [t, H, NBV]
-            nbv = blk.shape[-1]
-            key_blk = torch.clamp(key_pos // block_size, max=nbv - 1)
-            allowed = allowed[:, None, :] & blk[:, :, key_blk] & (key_pos // block_size < nbv)
+            allowed = allowed[:, None, :] & blk[:, :, key_pos // block_size]
             s = s.masked_fill(~allowed, float("-inf"))
-            out[ti] = torch.einsum("thl,lhd->thd", torch.softmax(s, dim=-1), v).to(q.dtype)
+            out[ti] = torch.einsum("thl,lhd->thd", torch.softmax(s, dim=-1), vc).to(q.dtype)
     return out
