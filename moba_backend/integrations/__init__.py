@@ -1,0 +1,1 @@
+"""Engine integrations. Each engine lives in its own subpackage and is the only code importing it."""

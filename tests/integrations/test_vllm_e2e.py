@@ -1,0 +1,64 @@
+"""vLLM end to end on CPU with the embedded model (float32, eager), each engine in its own process:
+- MoBA with every block selected is token-identical to vLLM's own CPU attention (greedy), over
+  mixed chunked-prefill + decode steps;
+- MoBA sparse on a long prompt really skips blocks (counted by the plugin's stats hook);
+- without FD_ATTENTION_BACKEND the installed plugin leaves vLLM's CPU attention in place."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from tests.integrations.procs import child_env, read_stats, run_llm_job  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.\n" * 20,      # 180 tokens: several chunks of 64
+    "1, 2, 3, 4,",
+    "Question: why is the sky blue?\nAnswer:",
+]
+DENSE = {"moba_use_encoder_seq_limit": 1 << 20, "moba_use_decoder_seq_limit": 1 << 20}
+# 64 MoBA blocks at the default length (4096 tokens, block 64), like an 8K prompt at block 128.
+LONG_TOKENS = int(os.environ.get("MOBA_E2E_LONG_TOKENS", "4096"))
+SPARSE = {"moba_block_size": 64 if LONG_TOKENS <= 4096 else 128,
+          "moba_encoder_top_k_left": 8, "moba_encoder_top_k_right": 16,
+          "moba_decoder_top_k_left": 8, "moba_decoder_top_k_right": 16}
+
+
+def test_dense_moba_is_token_identical_to_cpu_attention(plugin_path, model_dir, tmp_path):
+    job = dict(model=model_dir, prompts=PROMPTS, max_tokens=24, max_num_batched_tokens=64,
+               max_model_len=1024)
+    stats = tmp_path / "stats.jsonl"
+    base = run_llm_job(dict(job, name="cpu_attn"), child_env(plugin_path), tmp_path, 600)
+    moba = run_llm_job(dict(job, name="moba_dense", additional_config={"moba_attention_config": DENSE}),
+                       child_env(plugin_path, FD_ATTENTION_BACKEND="MOBA_ATTN",
+                                 MOBA_STATS_FILE=str(stats)), tmp_path, 600)
+    counts = read_stats(stats)
+    print(f"cpu_attn {base['generate_s']:.1f}s, moba dense {moba['generate_s']:.1f}s, {counts}")
+    assert counts["calls"] > 0, "MoBA did not run"
+    assert counts["prefill_selected"] == counts["prefill_visible"]
+    assert counts["decode_selected"] == counts["decode_visible"]
+    assert moba["token_ids"] == base["token_ids"]
+    # without the switch the plugin registered nothing: the CPU run wrote no MoBA stats
+    assert "MoBA attention backend registered" not in (tmp_path / "cpu_attn.log").read_text()
+    assert "MoBA attention backend registered" in (tmp_path / "moba_dense.log").read_text()
+
+
+def test_sparse_moba_skips_blocks_on_a_long_prompt(plugin_path, model_dir, haystack_ids, tmp_path):
+    ids = haystack_ids[:LONG_TOKENS - 16]
+    stats = tmp_path / "stats.jsonl"
+    res = run_llm_job(
+        dict(name="moba_sparse", model=model_dir, prompt_token_ids=[ids], max_tokens=8,
+             max_model_len=LONG_TOKENS, additional_config={"plas_attention_config": SPARSE}),
+        child_env(plugin_path, FD_ATTENTION_BACKEND="PLAS_ATTN", MOBA_STATS_FILE=str(stats)),
+        tmp_path, 900)
+    c = read_stats(stats)
+    skipped_p = 1 - c["prefill_selected"] / c["prefill_visible"]
+    skipped_d = 1 - c["decode_selected"] / max(c["decode_visible"], 1)
+    print(f"{len(ids)} prompt tokens, {res['generate_s']:.1f}s: prefill skipped {skipped_p:.1%}, "
+          f"decode skipped {skipped_d:.1%} of visible (token, head, block) pairs")
+    assert len(res["token_ids"][0]) == 8
+    assert skipped_p > 0.3 and skipped_d > 0.5
