@@ -1,0 +1,1 @@
+"""Gate distillation (Lite MoBA): `moba-distill`, see distill.py."""

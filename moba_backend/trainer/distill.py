@@ -1,0 +1,306 @@
+"""Distill a learned (Lite MoBA) gate from a frozen causal LM.
+
+For every layer, the gate scores each candidate block of each query token and head as
+`q . summary_j / sqrt(D)`, `summary_j = sum_t W[h, t, :] * k[j*B + t, h, :]`, with post-RoPE q and
+k captured from the model's own forward. The target is the model's dense attention probability
+max-pooled over each key block, renormalized over the same candidates (SPEC.md "Selection":
+complete blocks before the query's own block, minus the sink and local blocks). Loss:
+KL(target || softmax(gate scores)), averaged over query rows with >= 2 candidates and over
+layers. Only W trains; it starts at 1/B, which is the `mean` gate.
+
+    moba-distill                                  # embedded model, Paul Graham essays, minutes on CPU
+    moba-distill --model DIR --data a.txt b.txt --seq-len 8192 --steps 200 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moba_backend.gate import apply_gate, default_gate_path, mean_gate, save_gate_weights
+
+logger = logging.getLogger("moba-distill")
+
+DATA_ENV = "MOBA_HAYSTACK"
+CAPTURE = "moba_capture"
+# The harness evaluates on the tail of the haystack; the distiller reads only its head.
+TRAIN_FRACTION = 0.6
+
+
+def default_haystack() -> Path:
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "PaulGrahamEssays.json"
+
+
+def read_texts(paths: list[str | os.PathLike]) -> str:
+    """Plain text of .txt files, or the `text` field of .json files ({"text": ...})."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".json":
+            obj = json.loads(p.read_text())
+            out.append(obj["text"] if isinstance(obj, dict) else "\n\n".join(map(str, obj)))
+        else:
+            out.append(p.read_text())
+    return "\n\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# capture post-RoPE q, k per layer
+
+
+class QKCapture:
+    """Registers an attention implementation that records (q [T, H, D], k [T, HK, D]) per layer
+    of the first row, then runs SDPA: the model's forward is unchanged."""
+
+    def __init__(self, model):
+        from transformers import AttentionInterface
+
+        self.model = model
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        AttentionInterface.register(CAPTURE, _capture_forward)
+        for m in model.modules():
+            if hasattr(m, "layer_idx") and hasattr(m, "o_proj"):
+                m._moba_capture = self.store
+        model.set_attn_implementation(CAPTURE)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.store.clear()
+        self.model.base_model(input_ids=ids, use_cache=False)   # the LM head is not needed
+        return [self.store[i] for i in sorted(self.store)]
+
+
+def _capture_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    module._moba_capture[module.layer_idx] = (query[0].transpose(0, 1).detach(),
+                                              key[0].transpose(0, 1).detach())
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------------
+# targets and loss
+
+
+def candidate_mask(T: int, block_size: int, sink_blocks: int, local_blocks: int,
+                   device=None) -> torch.Tensor:
+    """[T, NB] bool: block j is a candidate of the query at position t (SPEC.md Selection, step 2)."""
+    nb = T // block_size
+    c = torch.arange(T, device=device)[:, None] // block_size
+    j = torch.arange(nb, device=device)[None, :]
+    return (j < c - local_blocks) & (j >= sink_blocks)
+
+
+@torch.no_grad()
+def layer_target(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_size: int,
+                 chunk: int = 512) -> torch.Tensor:
+    """Max-pooled dense attention over complete blocks, renormalized over candidates.
+
+    q [T, H, D], k [T, HK, D], cand [T, NB]. Returns [T, H, NB] float32 (0 off candidates);
+    computed `chunk` queries at a time so long sequences fit.
+    """
+    T, H, D = q.shape
+    G = H // k.shape[1]
+    nb = cand.shape[1]
+    kf = k.float().repeat_interleave(G, dim=1).transpose(0, 1)                  # [H, T, D]
+    out = torch.zeros(T, H, nb, dtype=torch.float32, device=q.device)
+    first = int(cand.any(1).float().argmax()) if bool(cand.any()) else T
+    pos = torch.arange(T, device=q.device)
+    for a in range(first, T, chunk):
+        b = min(T, a + chunk)
+        s = (q[a:b].float().transpose(0, 1) @ kf[:, :b].transpose(1, 2)) / math.sqrt(D)  # [H, t, b]
+        s = s.masked_fill(pos[None, None, :b] > pos[a:b, None][None], float("-inf"))
+        p = torch.softmax(s, dim=-1)[..., : nb * block_size]
+        p = torch.nn.functional.pad(p, (0, -p.shape[-1] % block_size))
+        pooled = p.reshape(H, b - a, -1, block_size).amax(-1)[..., :nb]             # [H, t, NB']
+        pooled = torch.nn.functional.pad(pooled, (0, nb - pooled.shape[-1])).transpose(0, 1)
+        pooled = pooled * cand[a:b, None, :]
+        out[a:b] = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-30)
+    return out
+
+
+def gate_log_probs(weight: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """log softmax over candidates of `q . learned_summary / sqrt(D)`: [T, H, NB]."""
+    T, H, D = q.shape
+    HK = k.shape[1]
+    summary = apply_gate(weight, k)                                              # [NB, HK, D]
+    nb = cand.shape[1]
+    s = torch.einsum("tkgd,jkd->tkgj", q.float().view(T, HK, H // HK, D), summary[:nb]).reshape(T, H, nb)
+    s = s / math.sqrt(D)
+    return torch.log_softmax(s.masked_fill(~cand[:, None, :], float("-inf")), dim=-1)
+
+
+def kl_loss(logp: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """KL(target || gate) averaged over valid rows (query tokens with >= 2 candidates) x heads."""
+    t = target[rows]
+    lp = logp[rows].clamp_min(-1e4)     # -inf off candidates, where target is 0
+    kl = (t * (torch.log(t.clamp_min(1e-30)) - lp)).sum(-1)
+    return kl.mean()
+
+
+@dataclass
+class Batch:
+    qk: list[tuple[torch.Tensor, torch.Tensor]]
+    targets: list[torch.Tensor]
+    cand: torch.Tensor
+    rows: torch.Tensor
+
+
+def make_batch(capture: QKCapture, ids: torch.Tensor, block_size: int, sink: int, local: int) -> Batch:
+    qk = capture(ids)
+    T = ids.shape[1]
+    cand = candidate_mask(T, block_size, sink, local, device=ids.device)
+    targets = [layer_target(q, k, cand, block_size) for q, k in qk]
+    return Batch(qk, targets, cand, cand.sum(1) >= 2)
+
+
+def batch_loss(weights: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+    losses = [kl_loss(gate_log_probs(w, q, k, batch.cand), tgt, batch.rows)
+              for w, (q, k), tgt in zip(weights, batch.qk, batch.targets)]
+    return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str | os.PathLike, device: str, dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def model_dims(model) -> tuple[int, int, int]:
+    c = model.config
+    H = c.num_attention_heads
+    HK = getattr(c, "num_key_value_heads", None) or H
+    D = getattr(c, "head_dim", None) or c.hidden_size // H
+    return c.num_hidden_layers, HK, D
+
+
+def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_size: int = 128,
+            seq_len: int = 2048, steps: int = 12, inner_steps: int = 5, lr: float = 1e-3,
+            sink_blocks: int = 1, local_blocks: int = 1, checkpoint: str | os.PathLike | None = None,
+            resume: bool = False, save_every: int = 1, seed: int = 0, progress: bool = True,
+            log_every: int = 1) -> dict:
+    """Train the gate weights of `model` on windows of `token_ids` [N]; writes `out` (safetensors).
+
+    Each step captures q/k for one window of `seq_len` tokens, computes the targets once, and
+    takes `inner_steps` Adam steps on all layers' W. Returns {"history": [(step, loss before,
+    loss after)], "path": out}. "loss before" is measured on a window the gate has not yet
+    seen (held out at that moment).
+    """
+    from tqdm.auto import tqdm
+
+    dev = next(model.parameters()).device
+    L, HK, D = model_dims(model)
+    check_len = token_ids.numel() >= seq_len
+    if not check_len:
+        raise ValueError(f"need at least seq_len={seq_len} tokens of text, got {token_ids.numel()}")
+    if seq_len < (sink_blocks + local_blocks + 3) * block_size:
+        raise ValueError(f"seq_len={seq_len} too short for block_size={block_size}: no query has 2 candidates")
+    weights = [w.to(dev).requires_grad_(True) for w in mean_gate(L, HK, block_size, D)]
+    opt = torch.optim.Adam(weights, lr=lr)
+    start, history = 0, []
+    ckpt = Path(checkpoint) if checkpoint else Path(str(out) + ".ckpt")
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev)
+        with torch.no_grad():
+            for w, s in zip(weights, state["weights"]):
+                w.copy_(s)
+        opt.load_state_dict(state["opt"])
+        start, history = state["step"], state["history"]
+        logger.info("resumed from %s at step %d", ckpt, start)
+    rng = random.Random(seed)
+    offsets = [rng.randrange(0, token_ids.numel() - seq_len + 1) for _ in range(steps)]
+    capture = QKCapture(model)
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="distill")
+    for step in bar:
+        ids = token_ids[offsets[step]: offsets[step] + seq_len][None].to(dev)
+        batch = make_batch(capture, ids, block_size, sink_blocks, local_blocks)
+        before = after = None
+        for i in range(inner_steps):
+            opt.zero_grad()
+            loss = batch_loss(weights, batch)
+            loss.backward()
+            opt.step()
+            before = loss.item() if i == 0 else before
+        with torch.no_grad():
+            after = batch_loss(weights, batch).item()
+        history.append((step, before, after))
+        bar.set_postfix(kl_before=f"{before:.4f}", kl_after=f"{after:.4f}")
+        if (step + 1) % log_every == 0:
+            logger.info("step %d: KL %.4f (unseen window) -> %.4f", step, before, after)
+        if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
+            torch.save({"step": step + 1, "weights": [w.detach().cpu() for w in weights],
+                        "opt": opt.state_dict(), "history": history}, ckpt)
+    meta = {"block_size": block_size, "seq_len": seq_len, "steps": steps, "inner_steps": inner_steps,
+            "lr": lr, "sink_blocks": sink_blocks, "local_blocks": local_blocks,
+            "kl_history": json.dumps(history)}
+    path = save_gate_weights(out, [w.detach() for w in weights], metadata=meta)
+    return {"history": history, "path": str(path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser("moba-distill", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--data", nargs="*", help=f".txt or .json files (default: ${DATA_ENV} or "
+                    "../shared/data/PaulGrahamEssays.json beside the repo; its first 60%%)")
+    ap.add_argument("--out", help="output safetensors (default: <model dir>/moba_mlp_weight.safetensors)")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=12, help="windows of seq-len tokens")
+    ap.add_argument("--inner-steps", type=int, default=5, help="Adam steps per window")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--sink-blocks", type=int, default=1)
+    ap.add_argument("--local-blocks", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--checkpoint", help="resume checkpoint (default: <out>.ckpt)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from transformers import AutoTokenizer
+
+    if args.model is None:
+        from moba_backend.models import embedded_model_dir
+        model_dir = embedded_model_dir()
+    else:
+        model_dir = Path(args.model)
+    out = Path(args.out) if args.out else default_gate_path(model_dir)
+    if args.data:
+        text = read_texts(args.data)
+    else:
+        text = read_texts([default_haystack()])
+        text = text[: int(len(text) * TRAIN_FRACTION)]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = torch.tensor(tok(text).input_ids)
+    model = load_model(model_dir, args.device)
+    res = distill(model, ids, out, block_size=args.block_size, seq_len=args.seq_len, steps=args.steps,
+                  inner_steps=args.inner_steps, lr=args.lr, sink_blocks=args.sink_blocks,
+                  local_blocks=args.local_blocks, checkpoint=args.checkpoint, resume=args.resume,
+                  seed=args.seed)
+    h = res["history"]
+    print(f"wrote {res['path']}: KL on unseen windows {h[0][1]:.4f} (mean gate) -> {h[-1][1]:.4f}; "
+          f"last window after training {h[-1][2]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
