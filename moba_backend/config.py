@@ -40,8 +40,8 @@ class MobaConfig(BaseModel):
     moba_use_encoder_seq_limit: int | None = None
     moba_use_decoder_seq_limit: int | None = None
     moba_max_seq_length: int | None = None
-    # NOTE: gate and tile mode defaults are the ones the quality harness measured best on the
-    # embedded model (README, "Choosing the defaults").
+    # NOTE: gate and tile mode defaults weigh the quality harness against the GPU benchmark
+    # (README, "Choosing the defaults").
     moba_gate: GateKind = "mean"
     moba_gate_weights: str | None = None
     moba_sink_blocks: int = 1
