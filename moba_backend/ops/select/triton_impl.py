@@ -235,6 +235,20 @@ MODE_IDS = {"token": 0, "union": 1, "shared": 2}
 
 
 @triton.jit
+def _count_above(p_rows, thr, incl, sink, flo, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Per row, the candidates (sink <= j < flo) scoring >= thr (incl) or > thr (not incl)."""
+    o_jj = tl.arange(0, BLOCK_J)
+    cnt = tl.zeros([BLOCK_G], dtype=tl.int32)
+    for j0 in range(0, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_c = (o_j >= sink) & (o_j < flo)
+        b_s = tl.load(p_rows + o_j[None, :])
+        above = tl.where(incl[:, None], b_s >= thr[:, None], b_s > thr[:, None])
+        cnt += tl.sum((m_c[None, :] & above).to(tl.int32), axis=1)
+    return cnt
+
+
+@triton.jit
 def _decode_select_kernel(
     q_ptr,          # [T, H, D]
     s_ptr,          # [N, SLOTS, S, HK, D]
@@ -275,8 +289,7 @@ def _decode_select_kernel(
     n_sel = tl.load(g_n_ptr + i_grp)
     n_forced = (c1 + 1 - flo) + tl.minimum(sink, flo)
     n_cand = tl.maximum(flo - sink, 0)
-    k_hi = n_sel - n_forced
-    k_lo = k_hi
+    k_sel = n_sel - n_forced         # candidates to take
     bt_row = bt_ptr + i_req * stride_bt
 
     o_g = tl.arange(0, BLOCK_G)
@@ -331,42 +344,27 @@ def _decode_select_kernel(
         b_s = tl.load(p_rows + o_j[None, :])
         lo = tl.minimum(lo, tl.min(tl.where(m_c[None, :], b_s, float("inf")), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(m_c[None, :], b_s, float("-inf")), axis=1))
-    # count at the top score: when even the top value is held by more than k_hi candidates
+    # count at the top score: when even the top value is held by more than k_sel candidates
     # (exact ties), no threshold separates them and the ties are broken by index below
-    cnt_hi = tl.zeros([BLOCK_G], dtype=tl.int32)
-    for j0 in range(0, flo, BLOCK_J):
-        o_j = j0 + o_jj
-        m_c = (o_j >= sink) & (o_j < flo)
-        b_s = tl.load(p_rows + o_j[None, :])
-        cnt_hi += tl.sum((m_c[None, :] & (b_s >= hi[:, None])).to(tl.int32), axis=1)
-    done = (~m_r) | (n_cand <= k_hi) | ((cnt_hi >= k_lo) & (cnt_hi <= k_hi))
-    tau = tl.where(n_cand <= k_hi, float("-inf"), hi)
-    hi_incl = cnt_hi < k_lo          # invariant when True: fewer than k_lo candidates score >= hi
+    incl = tl.full([BLOCK_G], 1, tl.int1)
+    cnt_hi = _count_above(p_rows, hi, incl, sink, flo, BLOCK_G, BLOCK_J)
+    done = (~m_r) | (n_cand <= k_sel) | (cnt_hi == k_sel)
+    tau = tl.where(n_cand <= k_sel, float("-inf"), hi)
+    hi_incl = cnt_hi < k_sel         # invariant when True: fewer than k_sel candidates score >= hi
     it = 0
     while (it < ITERS) & (tl.sum((~done).to(tl.int32), axis=0) > 0):
         mid = (lo + hi) * 0.5
-        cnt = tl.zeros([BLOCK_G], dtype=tl.int32)
-        for j0 in range(0, flo, BLOCK_J):
-            o_j = j0 + o_jj
-            m_c = (o_j >= sink) & (o_j < flo)
-            b_s = tl.load(p_rows + o_j[None, :])
-            cnt += tl.sum((m_c[None, :] & (b_s >= mid[:, None])).to(tl.int32), axis=1)
-        ok = (cnt >= k_lo) & (cnt <= k_hi) & (~done)
+        cnt = _count_above(p_rows, mid, incl, sink, flo, BLOCK_G, BLOCK_J)
+        ok = (cnt == k_sel) & (~done)
         tau = tl.where(ok, mid, tau)
         done = done | ok
-        lo = tl.where((~done) & (cnt > k_hi), mid, lo)
-        hi_incl = hi_incl | ((~done) & (cnt < k_lo))
-        hi = tl.where((~done) & (cnt < k_lo), mid, hi)
+        lo = tl.where((~done) & (cnt > k_sel), mid, lo)
+        hi_incl = hi_incl | ((~done) & (cnt < k_sel))
+        hi = tl.where((~done) & (cnt < k_sel), mid, hi)
         it += 1
     # rows left undone hold exact ties in [lo, hi]: take those above, then ties by block index
-    n_above = tl.zeros([BLOCK_G], dtype=tl.int32)
-    for j0 in range(0, flo, BLOCK_J):
-        o_j = j0 + o_jj
-        m_c = (o_j >= sink) & (o_j < flo)
-        b_s = tl.load(p_rows + o_j[None, :])
-        above = tl.where(hi_incl[:, None], b_s >= hi[:, None], b_s > hi[:, None])
-        n_above += tl.sum((m_c[None, :] & above).to(tl.int32), axis=1)
-    tie_need = tl.where(done, 0, k_lo - n_above)
+    n_above = _count_above(p_rows, hi, hi_incl, sink, flo, BLOCK_G, BLOCK_J)
+    tie_need = tl.where(done, 0, k_sel - n_above)
 
     # compaction: ascending lists
     n_mem = tl.zeros([BLOCK_G], dtype=tl.int32)
