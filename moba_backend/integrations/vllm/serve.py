@@ -22,6 +22,10 @@ from pathlib import Path
 from moba_backend.config import BACKEND_ENV, MobaConfigError, attention_backend_from_env, parse_moba_config
 from moba_backend.integrations.vllm.backend import CONFIG_ENV, CONFIG_KEYS
 
+# KV cache (GiB) moba-serve asks for on CPU when no memory flag is given: vLLM's CPU default
+# reserves 92% of the first NUMA node and refuses to start when anything else holds a little of it.
+CPU_KV_CACHE_GIB = 4
+
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_VALUE = "moba_backend.integrations.vllm:register"
 
@@ -70,7 +74,11 @@ def prepare(argv: list[str]) -> argparse.Namespace:
                               "unset it or use MOBA_ATTN")
     # Processes that find no additional_config (none today) fall back to this.
     os.environ[CONFIG_ENV] = json.dumps(extra[CONFIG_KEYS[0]])
-    if not current_platform.is_cpu():
+    if current_platform.is_cpu():
+        memory_given = any(a.startswith(("--gpu-memory-utilization", "--kv-cache-memory")) for a in argv)
+        if not memory_given and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KV_CACHE_GIB)
+    else:
         if getattr(args, "attention_backend", None) not in (None, "CUSTOM"):
             raise MobaConfigError(f"--attention-backend {args.attention_backend}: moba-serve runs "
                                   "MoBA as the CUSTOM backend; drop the flag")
