@@ -403,6 +403,7 @@ def _decode_select_kernel(
 def decode_select_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p) -> "Selection":
     """Selection of a decode-only step in one launch: tile lists [NT, HK, LW] and, in `token`
     mode, member lists [T, H, W]. No host sync: shapes come from the plan (CUDA-graph safe).
+    NOTE: rows are numbered by decode tile; in a decode-only step that is `TileSet.index`.
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D]; p: SelectParams.
     """
