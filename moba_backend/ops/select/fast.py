@@ -94,12 +94,13 @@ def dense_selection(plan: MobaPlan, num_kv_heads: int) -> Selection:
 
 
 def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: SelectParams,
-           backend: str = "torch") -> Selection:
+           backend: str = "torch", scorer: Callable | None = None) -> Selection:
     """Select blocks for every token of the step.
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D]. backend `torch` scores with torch ops,
     `triton` with the Triton kernels (fused group scores in `shared` mode, fused top-k for
-    decode-only steps).
+    decode-only steps). `scorer(q, summary_cache, plan, t_lo, t_hi, nbv)`, when given, supplies
+    the raw scores [t_hi - t_lo, H, NBV] float32 instead (a custom gate, such as an oracle).
     """
     HK = summary_cache.shape[3]
     if p.dense:
@@ -109,8 +110,7 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
     dev = q.device
     nbv = max(plan.num_visible_blocks, 1)
     k = max(plan.max_select, 1)
-    scorer: Callable | None = None
-    if backend == "triton":
+    if backend == "triton" and scorer is None:
         from moba_backend.ops.select import triton_impl
 
         if plan.prefill.num == 0:

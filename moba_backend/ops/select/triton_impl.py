@@ -8,12 +8,17 @@ unions and group scores are done by `fast.select` on the scores (torch.topk on t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from moba_backend.ops.common import next_pow2
 from moba_backend.plan import MobaPlan
+
+if TYPE_CHECKING:
+    from moba_backend.ops.select.fast import Selection
 
 
 @triton.jit
