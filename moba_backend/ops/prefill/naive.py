@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from moba_backend.ops.pooling.naive import gather_positions
 
 
 def sparse_attention(
@@ -33,28 +32,31 @@ def sparse_attention(
     dev = q.device
     req = token_req.to(dev)
     pos_all = token_pos.to(dev).long()
+    page_size = k_cache.shape[1]
     for r in torch.unique(req).tolist():
         idx = (req == r).nonzero().flatten()
-        L = int(pos_all[idx].max()) + 1
-        k = gather_positions(k_cache, block_table[r], 0, L)                       # [L, HK, D]
-        v = gather_positions(v_cache, block_table[r], 0, L)
+        pages_r = block_table[r].to(dev).long()
         for i in range(0, idx.numel(), q_chunk):
             ti = idx[i:i + q_chunk]
+            t = ti.numel()
             pos = pos_all[ti]                                                   # [t]
             blk = sel[ti.cpu() if sel.device.type == "cpu" else ti].to(dev)    # [t, H, NBV]
             # only the keys of blocks some query of the chunk selected (the rest are masked anyway)
             blocks = blk.any(0).any(0).nonzero().flatten()
             key_pos = (blocks[:, None] * block_size + torch.arange(block_size, device=dev)).flatten()
-            key_pos = key_pos[key_pos <= pos.max()]
-            kc = k[key_pos].float().repeat_interleave(G, dim=1)                 # [l, H, D]
-            vc = v[key_pos].float().repeat_interleave(G, dim=1)
-            s = torch.einsum("thd,lhd->thl", q[ti].float(), kc) * scale         # [t, H, l]
+            key_pos = key_pos[key_pos <= pos.max()]                             # [l]
+            pages, slots = pages_r[key_pos // page_size], key_pos % page_size
+            kc = k_cache[pages, slots].float()                                  # [l, HK, D]
+            vc = v_cache[pages, slots].float()
+            qg = q[ti].float().view(t, HK, G, D)
+            s = torch.einsum("tkgd,lkd->tkgl", qg, kc).reshape(t, H, -1) * scale  # [t, H, l]
             if softcap > 0:
                 s = softcap * torch.tanh(s / softcap)
             allowed = key_pos[None, :] <= pos[:, None]                          # causal [t, l]
             if window > 0:
                 allowed &= pos[:, None] - key_pos[None, :] < window
             allowed = allowed[:, None, :] & blk[:, :, key_pos // block_size]
-            s = s.masked_fill(~allowed, float("-inf"))
-            out[ti] = torch.einsum("thl,lhd->thd", torch.softmax(s, dim=-1), vc).to(q.dtype)
+            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+            o = torch.einsum("tkgl,lkd->tkgd", p.view(t, HK, G, -1), vc)
+            out[ti] = o.reshape(t, H, D).to(q.dtype)
     return out
