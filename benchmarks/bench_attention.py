@@ -609,6 +609,19 @@ def summary_cache(attn: MobaAttention, paged: Paged) -> torch.Tensor:
     return torch.zeros(attn.summary_shape(N, P), dtype=torch.float32, device=paged.k_cache.device)
 
 
+def first_forward(row, attn: MobaAttention, make_plan, q, paged, summ, out, dev):
+    """Build the step's plan (timed into row.plan_ms: once per step, not per layer), then run one
+    forward, which also compiles the kernels. Returns (plan, the forward's Selection)."""
+    sync(dev)
+    t0 = time.perf_counter()
+    plan = make_plan()
+    sync(dev)
+    row.plan_ms = (time.perf_counter() - t0) * 1e3
+    sel_out: list = []
+    attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ, plan, out=out, selection_out=sel_out)
+    return plan, sel_out[0]
+
+
 def reset_peak(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -660,16 +673,9 @@ def bench_prefill(c: Ctx, L: int, P: int) -> None:
         state = {}
 
         def run_moba():
-            sync(dev)
-            t0 = time.perf_counter()
-            plan = prefill_plan(cfg, paged, s.H)
-            sync(dev)
-            row.plan_ms = (time.perf_counter() - t0) * 1e3
             summ = summary_cache(attn, paged)
-            sel_out = []
-            attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ, plan, out=out,
-                         selection_out=sel_out)                     # also compiles the kernels
-            sel = sel_out[0]
+            plan, sel = first_forward(row, attn, lambda: prefill_plan(cfg, paged, s.H), q, paged, summ,
+                                      out, dev)
             sel_pairs, uni_pairs, _ = selection_work(sel, plan, s.H)
             row.ideal, row.ideal_union = dense_pairs / sel_pairs, dense_pairs / uni_pairs
             row.sel_frac, row.union_frac = sel_pairs / dense_pairs, uni_pairs / dense_pairs
@@ -827,16 +833,9 @@ def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
         attn = MobaAttention(cfg, s.H, s.HK, s.D, impl="triton")
 
         def run_moba():
-            sync(dev)
-            t0 = time.perf_counter()
-            plan = decode_plan(cfg, paged, s.H)
-            sync(dev)
-            row.plan_ms = (time.perf_counter() - t0) * 1e3
             summ = summaries(attn, cfg)
-            sel_out = []
-            attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ, plan, out=out,
-                         selection_out=sel_out)
-            sel = sel_out[0]
+            plan, sel = first_forward(row, attn, lambda: decode_plan(cfg, paged, s.H), q, paged, summ,
+                                      out, dev)
             _, _, kv_tokens = selection_work(sel, plan, s.H)
             read = kv_tokens * s.D * 2 * elt
             row.ideal = row.ideal_union = dense_bytes / read
