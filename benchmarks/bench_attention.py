@@ -88,8 +88,26 @@ def layer_select(attn: MobaAttention, q, summary, plan) -> Selection:
                   scorer=None if attn.params.dense else triton_scorer(attn.params.gate))
 
 
+def impl_runs(args) -> list[tuple[str, str, str]]:
+    """(implementation, mode, row label) of each MoBA row: `mode` on Triton, `cuda(mode)` on CUDA."""
+    return [(impl, mode, mode if impl == "triton" else f"{impl}({mode})")
+            for impl in args.impls for mode in args.modes]
+
+
+def layer_pool(attn: MobaAttention, k_cache, summ, plan) -> None:
+    """The pooling step of `MobaAttention.forward` on the GPU path, alone."""
+    if attn.impl == "cuda":
+        from moba_backend.ops.pooling.cuda_impl import update_block_summaries_fwd as pool_cuda
+        pool_cuda(k_cache, summ, plan, attn.cfg.moba_gate)
+    else:
+        update_block_summaries_fwd(k_cache, summ, plan, attn.cfg.moba_gate)
+
+
 def layer_attend(attn: MobaAttention, q, paged, plan, sel: Selection, out) -> None:
     """The attention step of `MobaAttention.forward` on the Triton path, alone."""
+    if hasattr(attn, "_cuda_ops"):
+        attn._attend_triton(q, paged.k_cache, paged.v_cache, plan, sel, out, attn._cuda_ops(q, paged.k_cache))
+        return
     if hasattr(attn, "_attend_triton"):
         attn._attend_triton(q, paged.k_cache, paged.v_cache, plan, sel, out)
         return
@@ -664,12 +682,12 @@ def bench_prefill(c: Ctx, L: int, P: int) -> None:
     if not args.flex:
         del k_log, v_log
     out = torch.empty_like(q)
-    for mode in args.modes:
-        row = Row("prefill", L, 1, P, mode, dense_ms=d_ms, backend=d_backend, dense_rate=d_rate)
+    for impl, mode, label in impl_runs(args):
+        row = Row("prefill", L, 1, P, label, dense_ms=d_ms, backend=d_backend, dense_rate=d_rate)
         c.rows.append(row)
         reset_peak(dev)
         cfg = moba_config(s, mode, args.gate)
-        attn = MobaAttention(cfg, s.H, s.HK, s.D, impl="triton")
+        attn = MobaAttention(cfg, s.H, s.HK, s.D, impl=impl)
         state = {}
 
         def run_moba():
@@ -683,25 +701,24 @@ def bench_prefill(c: Ctx, L: int, P: int) -> None:
             row.ms = c.timer(lambda: attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ,
                                                   plan, out=out), warm=False)
             row.rate = flops(sel_pairs) / row.ms / 1e9
-            print(f"    moba[{mode}] {row.ms:.3f} ms  {row.rate:.1f} TFLOP/s  ideal x{row.ideal:.2f} "
+            print(f"    moba[{label}] {row.ms:.3f} ms  {row.rate:.1f} TFLOP/s  ideal x{row.ideal:.2f} "
                   f"(union x{row.ideal_union:.2f}, union {100 * row.union_frac:.1f}% of dense pairs)  "
                   f"plan {row.plan_ms:.1f} ms")
 
         def run_parts():
             plan, sel, summ = state["plan"], state["sel"], state["summ"]
-            row.pool_ms = c.timer(lambda: update_block_summaries_fwd(paged.k_cache, summ, plan, cfg.moba_gate),
-                                  warm=False)
+            row.pool_ms = c.timer(lambda: layer_pool(attn, paged.k_cache, summ, plan), warm=False)
             row.sel_ms = c.timer(lambda: layer_select(attn, q, summ, plan), warm=False)
             row.attn_ms = c.timer(lambda: layer_attend(attn, q, paged, plan, sel, out), warm=False)
             print(f"    parts: pool {row.pool_ms:.3f}  select {row.sel_ms:.3f}  attn {row.attn_ms:.3f} ms"
                   f"  (gate share {row.gate_pct:.0f}%)")
 
-        guarded(f"moba[{mode}]", run_moba, row, dev)
+        guarded(f"moba[{label}]", run_moba, row, dev)
         if row.ms is not None:
-            guarded(f"moba[{mode}] parts", run_parts, row, dev)
+            guarded(f"moba[{label}] parts", run_parts, row, dev)
         row.peak_gb = peak_gb(dev)
         flex_bytes = s.H * L * triton.cdiv(L, s.block)  # token mode's bitmap
-        if args.flex and "sel" in state and mode in FLEX_MASKS:
+        if args.flex and impl == args.impls[0] and "sel" in state and mode in FLEX_MASKS:
             frow = Row("prefill", L, 1, P, f"flex({mode})", dense_ms=d_ms, backend=d_backend,
                        dense_rate=d_rate, ideal=row.ideal, sel_frac=row.sel_frac)
             c.rows.append(frow)
@@ -824,13 +841,13 @@ def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
             pool_all_blocks(cfg, paged, pooled["summ"], s.H, triton_impl=True)
         return pooled["summ"]
 
-    for mode in args.modes:
-        row = Row("decode", L, b, P, mode, dense_ms=d_ms, backend=dense.get("backend", "OOM/err"),
+    for impl, mode, label in impl_runs(args):
+        row = Row("decode", L, b, P, label, dense_ms=d_ms, backend=dense.get("backend", "OOM/err"),
                   dense_rate=d_rate)
         c.rows.append(row)
         reset_peak(dev)
         cfg = moba_config(s, mode, args.gate)
-        attn = MobaAttention(cfg, s.H, s.HK, s.D, impl="triton")
+        attn = MobaAttention(cfg, s.H, s.HK, s.D, impl=impl)
 
         def run_moba():
             summ = summaries(attn, cfg)
@@ -845,10 +862,10 @@ def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
             row.rate = read / row.ms / 1e6
             row.sel_ms = c.timer(lambda: layer_select(attn, q, summ, plan), warm=False)
             row.attn_ms = c.timer(lambda: layer_attend(attn, q, paged, plan, sel, out), warm=False)
-            print(f"    moba[{mode}] {row.ms:.3f} ms (select {row.sel_ms:.3f}, attn {row.attn_ms:.3f})  "
+            print(f"    moba[{label}] {row.ms:.3f} ms (select {row.sel_ms:.3f}, attn {row.attn_ms:.3f})  "
                   f"{row.rate:.1f} GB/s  ideal x{row.ideal:.2f} ({100 * row.union_frac:.1f}% of the KV)")
 
-        guarded(f"moba[{mode}]", run_moba, row, dev)
+        guarded(f"moba[{label}]", run_moba, row, dev)
         row.peak_gb = peak_gb(dev)
         free(dev)
     del paged, q, out, pooled
@@ -997,6 +1014,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-lens", default=None, help="decode context lengths, e.g. 32K,128K")
     ap.add_argument("--batch", default=None, help="decode batch sizes, e.g. 1,16")
     ap.add_argument("--modes", default="shared,token", help="moba_tile_select values to run")
+    ap.add_argument("--impls", default="triton",
+                    help="kernel implementations to run, e.g. triton,cuda (cuda rows read cuda(mode))")
     ap.add_argument("--page-size", default="16", help="KV page size(s), e.g. 16 or 16,64")
     ap.add_argument("--gate", default=None, help="moba_gate (default: the config default)")
     ap.add_argument("--structured", action="store_true",
@@ -1019,6 +1038,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     shapes = TINY if args.tiny else FULL
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.impls = [m.strip() for m in args.impls.split(",") if m.strip()]
+    for impl in args.impls:
+        if impl not in ("triton", "cuda"):
+            ap.error(f"--impls: {impl!r} is not triton or cuda")
     args.page_sizes = parse_lens(args.page_size)
     args.lens = parse_lens(args.lens) if args.lens else shapes.prefill_lens
     args.decode_lens = parse_lens(args.decode_lens) if args.decode_lens else shapes.decode_lens

@@ -13,10 +13,11 @@ Caches (allocated by the engine, indexed by physical page):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from moba_backend.config import MobaConfig
+from moba_backend.config import IMPL_ENV, MobaConfig
 from moba_backend.ops.common import check, check_cache, slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.prefill import naive as attn_naive
@@ -24,7 +25,20 @@ from moba_backend.ops.select.fast import Selection, select, selection_mask
 from moba_backend.ops.select.naive import SelectParams
 from moba_backend.plan import MobaPlan, build_plan
 
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "triton", "cuda")
+# Ops `auto` runs on the CUDA kernels when the extension is loaded (the others stay on Triton):
+# the ones measured faster than Triton on the benchmark shapes (README, "CUDA kernels").
+AUTO_CUDA_OPS = frozenset({"pool", "decode", "prefill"})
+
+
+def resolve_impl(impl: str, cfg: MobaConfig) -> str:
+    """The implementation asked for: the argument, else `moba_impl`, else $MOBA_IMPL, else auto."""
+    if impl == "auto":
+        impl = cfg.moba_impl
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+        check(impl in IMPLS, f"{IMPL_ENV}={impl!r}: expected one of {IMPLS}")
+    return impl
 
 __all__ = ["MobaAttention", "MobaPlan", "build_plan", "write_kv"]
 
@@ -51,7 +65,9 @@ class MobaAttention:
         layer_idx: used for `moba_dense_layers`.
         softcap: attention logit soft cap (0: none). window: sliding window in tokens (-1: none).
         gate_weight: [HK, B, D] learned gate weights of this layer (gate `learned`).
-        impl: `torch` (reference ops, any device), `triton` (kernels), `auto` (Triton on CUDA).
+        impl: `torch` (reference ops, any device), `triton` (Triton kernels), `cuda` (the csrc/
+            kernels; an error if they cannot be loaded), `auto` (`moba_impl`, else $MOBA_IMPL, else
+            the fastest available on the device: CUDA kernels, then Triton on a GPU; torch on CPU).
     """
 
     def __init__(self, cfg: MobaConfig, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -60,6 +76,10 @@ class MobaAttention:
         check(num_heads % num_kv_heads == 0,
               f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         check(impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}")
+        impl = resolve_impl(impl, cfg)
+        if impl == "cuda":
+            from moba_backend.ops import cuda_ext
+            cuda_ext.ops()  # raises, naming why, when the extension cannot be loaded
         self.cfg = cfg
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
@@ -86,9 +106,22 @@ class MobaAttention:
                 summary_slots(self.cfg.moba_gate), self.num_kv_heads, self.head_dim)
 
     def _use_triton(self, device: torch.device) -> bool:
+        """GPU kernels (Triton, with CUDA kernels where `_cuda_ops` says) rather than torch ops."""
         if self.impl == "auto":
             return device.type == "cuda"
-        return self.impl == "triton"
+        return self.impl in ("triton", "cuda")
+
+    def _cuda_ops(self, q: torch.Tensor, k_cache: torch.Tensor) -> frozenset:
+        """The ops of this call that run on the CUDA kernels."""
+        if self.impl not in ("auto", "cuda") or not q.is_cuda:
+            return frozenset()
+        from moba_backend.ops import cuda_ext
+        if self.impl == "auto" and not cuda_ext.available():
+            return frozenset()
+        ops = {"pool"}
+        if cuda_ext.supports_attention(q, k_cache) and self.cfg.moba_tile_select != "token":
+            ops |= {"prefill", "decode"}
+        return frozenset(ops) & AUTO_CUDA_OPS if self.impl == "auto" else frozenset(ops)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, summary_cache: torch.Tensor,
@@ -116,9 +149,13 @@ class MobaAttention:
         if T == 0:
             return out
         use_triton = self._use_triton(q.device)
+        cuda_ops = self._cuda_ops(q, k_cache) if use_triton else frozenset()
         cfg = self.cfg
         if use_triton:
-            from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
+            if "pool" in cuda_ops:
+                from moba_backend.ops.pooling.cuda_impl import update_block_summaries_fwd
+            else:
+                from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
             update_block_summaries_fwd(k_cache, summary_cache, plan, cfg.moba_gate, self.gate_weight)
             sel = select(q, summary_cache, plan, self.params, backend="triton")
         else:
@@ -130,7 +167,7 @@ class MobaAttention:
         if selection_out is not None:
             selection_out.append(sel)
         if use_triton:
-            self._attend_triton(q, k_cache, v_cache, plan, sel, out)
+            self._attend_triton(q, k_cache, v_cache, plan, sel, out, cuda_ops)
         else:
             mask = selection_mask(sel, plan, self.num_heads)
             out[:T] = attn_naive.sparse_attention(
@@ -138,13 +175,25 @@ class MobaAttention:
                 cfg.moba_block_size, self.scale, self.softcap, self.window)
         return out
 
-    def _attend_triton(self, q, k_cache, v_cache, plan: MobaPlan, sel: Selection, out) -> None:
-        from moba_backend.ops.decode.triton_impl import sparse_decode_fwd
-        from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
+    def _attend_triton(self, q, k_cache, v_cache, plan: MobaPlan, sel: Selection, out,
+                       cuda_ops: frozenset = frozenset()) -> None:
+        """Attention on the GPU kernels: Triton, or CUDA for the ops named in `cuda_ops`."""
         common = dict(block_size=self.cfg.moba_block_size, scale=self.scale, softcap=self.softcap,
                       window=self.window)
+        cuda_ok = sel.member_blocks is None
         if plan.prefill.num:
-            sparse_prefill_fwd(q, k_cache, v_cache, plan.block_table, plan.prefill, sel, out,
-                               tokens_per_tile=plan.tokens_per_tile, block_m=plan.block_m, **common)
+            if "prefill" in cuda_ops and cuda_ok:
+                from moba_backend.ops.prefill.cuda_impl import sparse_prefill_fwd as prefill_cuda
+                prefill_cuda(q, k_cache, v_cache, plan.block_table, plan.prefill, sel, out,
+                             tokens_per_tile=plan.tokens_per_tile, **common)
+            else:
+                from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
+                sparse_prefill_fwd(q, k_cache, v_cache, plan.block_table, plan.prefill, sel, out,
+                                   tokens_per_tile=plan.tokens_per_tile, block_m=plan.block_m, **common)
         if plan.decode.num:
-            sparse_decode_fwd(q, k_cache, v_cache, plan.block_table, plan.decode, sel, out, **common)
+            if "decode" in cuda_ops and cuda_ok:
+                from moba_backend.ops.decode.cuda_impl import sparse_decode_fwd as decode_cuda
+                decode_cuda(q, k_cache, v_cache, plan.block_table, plan.decode, sel, out, **common)
+            else:
+                from moba_backend.ops.decode.triton_impl import sparse_decode_fwd
+                sparse_decode_fwd(q, k_cache, v_cache, plan.block_table, plan.decode, sel, out, **common)

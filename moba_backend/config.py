@@ -17,6 +17,8 @@ BACKEND_NAMES = ("MOBA_ATTN", "PLAS_ATTN")
 
 GateKind = Literal["mean", "max", "minmax", "learned"]
 TileSelect = Literal["token", "union", "shared"]
+ImplKind = Literal["auto", "cuda", "triton", "torch"]
+IMPL_ENV = "MOBA_IMPL"
 
 
 class MobaConfigError(ValueError):
@@ -49,6 +51,9 @@ class MobaConfig(BaseModel):
     moba_query_tile: int = 128
     moba_tile_select: TileSelect = "shared"
     moba_dense_layers: tuple[int, ...] = ()
+    # Kernels: `auto` (the fastest available on the device), `cuda`, `triton` or `torch`; the
+    # MOBA_IMPL environment variable sets it when the key is absent.
+    moba_impl: ImplKind = "auto"
 
     @field_validator("moba_dense_layers", mode="before")
     @classmethod

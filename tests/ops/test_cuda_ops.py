@@ -1,0 +1,149 @@
+"""The CUDA kernels (csrc/) against the torch references, on the cases of the Triton tests.
+
+Fixed selections in (tile lists only: `shared`/`union` semantics, where every member of a tile
+attends the tile's list, causally); bf16 and fp16; fresh random data each run.
+"""
+
+import pytest
+import torch
+
+from moba_backend.ops.common import slots_per_page, summary_slots
+from moba_backend.ops.pooling import naive as pooling_naive
+from moba_backend.ops.prefill.naive import sparse_attention
+from moba_backend.ops.select.fast import Selection
+from tests.helpers import HAS_CUDA, assert_close, make_batch, moba_cfg, random_selection
+from tests.ops import test_decode, test_pooling, test_prefill
+
+
+def _cuda_ready() -> bool:
+    if not HAS_CUDA:
+        return False
+    from moba_backend.ops import cuda_ext
+    return cuda_ext.available()
+
+
+pytestmark = pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and the CUDA extension")
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def tile_selection(plan, H: int, HK: int, density: float):
+    """A random selection as tile lists only, and the [T, H, NBV] mask it means per token."""
+    _, sel = random_selection(plan, H, HK, density=density)
+    lists, counts = sel.tile_blocks.cpu(), sel.tile_nblocks.cpu()
+    nbv = max(plan.num_visible_blocks, 1)
+    NT, _, LW = lists.shape
+    valid = torch.arange(LW)[None, None, :] < counts[..., None]
+    tile_mask = torch.zeros(NT, HK, nbv + 1, dtype=torch.bool)
+    tile_mask.scatter_(2, torch.where(valid, lists.long(), nbv), True)
+    mask = tile_mask[plan.token_tile.cpu(), :, :nbv].repeat_interleave(H // HK, dim=1)
+    return mask, Selection(sel.tile_blocks, sel.tile_nblocks, None)
+
+
+def attention_case(reqs, H, HK, D, P, B, dtype, kind, splits=None, softcap=0.0, window=-1):
+    from moba_backend.ops.decode.cuda_impl import sparse_decode_fwd
+    from moba_backend.ops.prefill.cuda_impl import sparse_prefill_fwd
+
+    b = make_batch(reqs, H=H, HK=HK, D=D, P=P, dtype=dtype)
+    b.write_new_kv()
+    plan = b.plan(moba_cfg(moba_block_size=B, moba_tile_select="shared"), device="cuda")
+    mask, sel = tile_selection(plan, H, HK, density=0.4 if kind == "prefill" else 0.3)
+    ref = sparse_attention(b.q.double(), b.k_cache.double(), b.v_cache.double(), b.block_table,
+                           plan.token_req.cpu(), plan.token_pos.cpu(), mask, B, D ** -0.5, softcap, window)
+    dev = lambda x: x.to("cuda")  # noqa: E731
+    out = torch.full_like(b.q, float("nan")).cuda()           # poisoned: every row must be written
+    args = (dev(b.q), dev(b.k_cache), dev(b.v_cache), dev(b.block_table))
+    common = dict(block_size=B, scale=D ** -0.5, softcap=softcap, window=window)
+    if kind == "prefill":
+        sparse_prefill_fwd(*args, plan.prefill, sel, out, tokens_per_tile=plan.tokens_per_tile, **common)
+    else:
+        sparse_decode_fwd(*args, plan.decode, sel, out, num_splits=splits, **common)
+    torch.cuda.synchronize()
+    assert_close(out.cpu(), ref, 1e-2, f"cuda {kind} {dtype}")
+
+
+PREFILL = {**test_prefill.CASES, **test_prefill.GPU_CASES,
+           "d256_g4_p32": ([(40, 300, False), (0, 97, False)], 8, 2, 256, 32, 64)}
+DECODE = {**test_decode.CASES, **test_decode.GPU_CASES,
+          "d256_g8_p16": ([(900, 1, True), (33, 1, True)], 16, 2, 256, 16, 32)}
+MIXED = [(300, 1, True), (37, 90, False), (0, 45, False), (1000, 1, True), (200, 33, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(PREFILL), ids=list(PREFILL))
+def test_cuda_prefill(case, dtype):
+    attention_case(*PREFILL[case], dtype=dtype, kind="prefill")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_prefill_softcap_and_window(dtype):
+    attention_case([(21, 100, False)], 4, 2, 64, 16, 16, dtype, "prefill", softcap=5.0, window=40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3, None], ids=["nosplit", "split3", "auto"])
+@pytest.mark.parametrize("case", list(DECODE), ids=list(DECODE))
+def test_cuda_decode(case, splits, dtype):
+    attention_case(*DECODE[case], dtype=dtype, kind="decode", splits=splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_decode_softcap_and_window(dtype):
+    attention_case([(300, 1, True), (77, 1, True)], 8, 2, 128, 16, 16, dtype, "decode", splits=4,
+                   softcap=5.0, window=100)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_cuda_mixed_batch(kind):
+    attention_case(MIXED, 32, 8, 128, 16, 16, torch.bfloat16, kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("gate", ["mean", "max", "minmax", "learned"])
+@pytest.mark.parametrize("case", list(test_pooling.CASES), ids=list(test_pooling.CASES))
+def test_cuda_pooling(case, gate, dtype):
+    from moba_backend.ops.pooling.cuda_impl import update_block_summaries_fwd
+
+    B, P, reqs = test_pooling.CASES[case]
+    b = make_batch(reqs, H=4, HK=2, D=128, P=P, dtype=dtype)
+    b.write_new_kv()
+    weight = torch.randn(2, B, 128) if gate == "learned" else None
+    sc = torch.randn(b.k_cache.shape[0], slots_per_page(B, P), summary_slots(gate), 2, 128)
+    ref = sc.clone()
+    ctx = b.seq_lens - (b.query_start_loc[1:] - b.query_start_loc[:-1])
+    pooling_naive.update_block_summaries(b.k_cache.float(), ref, b.block_table, ctx, b.seq_lens, B, gate, weight)
+    plan = b.plan(moba_cfg(moba_block_size=B, moba_gate=gate), device="cuda")
+    out = sc.cuda()
+    update_block_summaries_fwd(b.k_cache.cuda(), out, plan, gate, weight.cuda() if weight is not None else None)
+    assert_close(out.cpu(), ref, 1e-5, f"cuda pool {gate} {case}")
+
+
+def test_cuda_launcher_names_bad_inputs():
+    from moba_backend.ops import cuda_ext
+
+    ops = cuda_ext.ops()
+    b = make_batch([(100, 1, True)], H=8, HK=2, D=96, P=16, dtype=torch.bfloat16, device="cuda")
+    plan = b.plan(moba_cfg(moba_block_size=16), device="cuda")
+    _, sel = tile_selection(plan, 8, 2, 0.3)
+    t = plan.decode
+    with pytest.raises(RuntimeError, match="head dim must be 64, 128 or 256"):
+        ops.decode(b.q, b.k_cache, b.v_cache, torch.empty_like(b.q), b.block_table, t.req, t.q0, t.length,
+                   t.pos0, t.index, sel.tile_blocks, sel.tile_nblocks, 16, 1, 0.1, 0.0, -1)
+    with pytest.raises(RuntimeError, match="k_cache must be a CUDA tensor|k_cache dtype"):
+        ops.pool(b.k_cache.cpu().float(), torch.empty(1), None, b.block_table, t.req, t.req, 16, 0)
+
+
+@pytest.mark.parametrize("mode", ["shared", "union"])
+def test_cuda_layer_matches_triton(mode):
+    """MobaAttention end to end (pooling, selection, attention) on a mixed batch: cuda == triton."""
+    from moba_backend.attention import MobaAttention
+
+    H, HK, D, P = 32, 8, 128, 16
+    b = make_batch(MIXED, H=H, HK=HK, D=D, P=P, dtype=torch.bfloat16, device="cuda")
+    cfg = moba_cfg(moba_tile_select=mode)
+    plan = b.plan(cfg, device="cuda")
+    outs = {}
+    for impl in ("triton", "cuda"):
+        attn = MobaAttention(cfg, H, HK, D, impl=impl)
+        summ = torch.zeros(attn.summary_shape(b.k_cache.shape[0], P), device="cuda")
+        outs[impl] = attn.forward(b.q, b.k, b.v, b.k_cache.clone(), b.v_cache.clone(), summ, plan)
+    assert_close(outs["cuda"].float(), outs["triton"].float(), 1e-2, f"layer {mode}")
