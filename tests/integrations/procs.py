@@ -94,14 +94,16 @@ def tail(path: Path, n: int = 60) -> str:
 
 
 def read_stats(path: Path) -> dict[str, int]:
+    """Summed selection counts of the plugin's stats file; `calls_<route>` counts layer calls per
+    route (`moba`: MoBA's path, `vllm_cpu`: a dense step on vLLM's CPU attention)."""
     tot = {"calls": 0, "prefill_selected": 0, "prefill_visible": 0, "decode_selected": 0,
-           "decode_visible": 0}
+           "decode_visible": 0, "calls_moba": 0, "calls_vllm_cpu": 0}
     if not path.exists():
         return tot
     for line in path.read_text().splitlines():
         row = json.loads(line)
         tot["calls"] += 1
-        for k in tot:
-            if k != "calls":
-                tot[k] += row[k]
+        tot[f"calls_{row['route']}"] += 1
+        for k in ("prefill_selected", "prefill_visible", "decode_selected", "decode_visible"):
+            tot[k] += row[k]
     return tot

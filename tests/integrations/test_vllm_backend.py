@@ -15,9 +15,10 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E4
 
 from moba_backend.config import MobaConfigError  # noqa: E402
 from moba_backend.integrations.vllm import CPU_BACKEND_PATH, register  # noqa: E402
-from moba_backend.integrations.vllm.backend import (MobaAttentionBackend,  # noqa: E402
-                                                    MobaAttentionImpl, MobaCPUAttentionBackend,
-                                                    STATS_ENV, layer_index, summary_bytes_per_page)
+from moba_backend.integrations.vllm.backend import (CPU_DENSE_ENV,  # noqa: E402
+                                                    MobaAttentionBackend, MobaAttentionImpl,
+                                                    MobaCPUAttentionBackend, STATS_ENV,
+                                                    layer_index, summary_bytes_per_page)
 from tests.helpers import assert_close  # noqa: E402
 from tests.integrations.vllm_steps import Harness, Shape, Work  # noqa: E402
 
@@ -85,6 +86,73 @@ def test_every_block_selected_is_dense_attention(name, shape, B, extra):
     h = Harness(shape, dense_cfg(B), lengths, seed=1)
     for i, work in enumerate((step1, step2)):
         assert_close(h.step_plugin(work), h.dense_reference(work), 1e-4, f"{name} dense step {i + 1}")
+
+
+def routes(stats) -> list[str]:
+    return [json.loads(x)["route"] for x in stats.read_text().splitlines()]
+
+
+# Dense steps on CPU: vLLM's CPU attention over staged pages (vec and vec16 layouts: pages of 64
+# and 16 tokens) against MoBA's torch path and plain attention.
+DENSE_CASES = [CASES[0], CASES[3]]
+
+
+@pytest.mark.parametrize("name,shape,B,extra", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+def test_dense_steps_run_vllm_cpu_attention(name, shape, B, extra, tmp_path, monkeypatch):
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(STATS_ENV, str(stats))
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, dense_cfg(B), lengths, seed=5)
+    for i, work in enumerate((step1, step2)):
+        out = h.step_plugin(work)
+        assert_close(out, h.step_reference(work), 1e-5, f"{name} routed vs MoBA torch, step {i + 1}")
+        assert_close(out, h.dense_reference(work), 1e-5, f"{name} routed vs dense, step {i + 1}")
+    assert routes(stats) == ["vllm_cpu", "vllm_cpu"]
+    # switched off, the same steps run on MoBA's path
+    stats.unlink()
+    monkeypatch.setenv(CPU_DENSE_ENV, "0")
+    h = Harness(shape, dense_cfg(B), lengths, seed=5)
+    h.step_plugin(step1)
+    assert routes(stats) == ["moba"]
+
+
+def test_staging_through_vllm_writer(monkeypatch):
+    """Where vLLM's CPU page layout is not plain K^T / V (AMX), pages are staged by vLLM's writer."""
+    from moba_backend.integrations.vllm import backend
+
+    monkeypatch.setattr(backend, "_vllm_cpu_layout_is_plain", lambda *a: False)
+    shape, B = Shape(9, 3, 64, 32), 16
+    lengths, step1, _ = two_steps(B)
+    h = Harness(shape, dense_cfg(B), lengths, seed=8)
+    assert_close(h.step_plugin(step1), h.dense_reference(step1), 1e-5, "staged by vLLM's writer")
+
+
+def test_dense_layer_runs_vllm_cpu_attention_in_sparse_steps(tmp_path, monkeypatch):
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(STATS_ENV, str(stats))
+    shape, B = Shape(9, 3, 64, 32), 16
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, sparse_cfg(B, moba_dense_layers=[3]), lengths, seed=6)   # the harness layer
+    for i, work in enumerate((step1, step2)):
+        out = h.step_plugin(work)
+        assert_close(out, h.step_reference(work), 1e-5, f"dense layer, step {i + 1}")
+        assert_close(out, h.dense_reference(work), 1e-5, f"dense layer vs dense, step {i + 1}")
+    assert routes(stats) == ["vllm_cpu", "vllm_cpu"]
+
+
+def test_routed_dense_step_writes_the_summaries_later_sparse_steps_read(tmp_path, monkeypatch):
+    """Step 1 (prompts, all dense by the encoder limit) runs on vLLM's CPU attention, yet must pool
+    the blocks it completes: step 2's decodes are sparse and select by those summaries."""
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(STATS_ENV, str(stats))
+    shape, B = Shape(9, 3, 64, 16), 16
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, sparse_cfg(B, moba_use_encoder_seq_limit=1 << 20), lengths, seed=7)
+    for i, work in enumerate((step1, step2)):
+        assert_close(h.step_plugin(work), h.step_reference(work), 1e-5, f"step {i + 1}")
+    rows = [json.loads(x) for x in stats.read_text().splitlines()]
+    assert [r["route"] for r in rows] == ["vllm_cpu", "moba"]
+    assert rows[1]["decode_selected"] < rows[1]["decode_visible"]
 
 
 def test_learned_gate_weights_are_loaded_per_layer(tmp_path):

@@ -1,6 +1,7 @@
 """vLLM end to end on CPU with the embedded model (float32, eager), each engine in its own process:
 - MoBA with every block selected is token-identical to vLLM's own CPU attention (greedy), over
-  mixed chunked-prefill + decode steps;
+  mixed chunked-prefill + decode steps, both when its dense steps are handed to vLLM's CPU
+  attention (the default on CPU) and when they run on MoBA's torch path;
 - MoBA sparse on a long prompt really skips blocks (counted by the plugin's stats hook);
 - without FD_ATTENTION_BACKEND the installed plugin leaves vLLM's CPU attention in place."""
 
@@ -31,20 +32,24 @@ SPARSE = {"moba_block_size": 64 if LONG_TOKENS <= 4096 else 128,
 def test_dense_moba_is_token_identical_to_cpu_attention(plugin_path, model_dir, tmp_path):
     job = dict(model=model_dir, prompts=PROMPTS, max_tokens=24, max_num_batched_tokens=64,
                max_model_len=1024)
-    stats = tmp_path / "stats.jsonl"
     base = run_llm_job(dict(job, name="cpu_attn"), child_env(plugin_path), tmp_path, 600)
-    moba = run_llm_job(dict(job, name="moba_dense", additional_config={"moba_attention_config": DENSE}),
-                       child_env(plugin_path, FD_ATTENTION_BACKEND="MOBA_ATTN",
-                                 MOBA_STATS_FILE=str(stats)), tmp_path, 600)
-    counts = read_stats(stats)
-    print(f"cpu_attn {base['generate_s']:.1f}s, moba dense {moba['generate_s']:.1f}s, {counts}")
-    assert counts["calls"] > 0, "MoBA did not run"
-    assert counts["prefill_selected"] == counts["prefill_visible"]
-    assert counts["decode_selected"] == counts["decode_visible"]
-    assert moba["token_ids"] == base["token_ids"]
-    # without the switch the plugin registered nothing: the CPU run wrote no MoBA stats
+    # without the switch the plugin registered nothing
     assert "MoBA attention backend registered" not in (tmp_path / "cpu_attn.log").read_text()
-    assert "MoBA attention backend registered" in (tmp_path / "moba_dense.log").read_text()
+    for name, route in (("moba_dense", "1"), ("moba_dense_torch", "0")):
+        stats = tmp_path / f"{name}.jsonl"
+        moba = run_llm_job(dict(job, name=name, additional_config={"moba_attention_config": DENSE}),
+                           child_env(plugin_path, FD_ATTENTION_BACKEND="MOBA_ATTN",
+                                     MOBA_STATS_FILE=str(stats), MOBA_CPU_DENSE_ATTN=route),
+                           tmp_path, 600)
+        counts = read_stats(stats)
+        print(f"cpu_attn {base['generate_s']:.1f}s, {name} {moba['generate_s']:.1f}s, {counts}")
+        assert "MoBA attention backend registered" in (tmp_path / f"{name}.log").read_text()
+        assert counts["calls"] > 0, "MoBA did not run"
+        # every step is dense: all on vLLM's CPU attention, or all on MoBA's path when switched off
+        assert counts["calls_vllm_cpu" if route == "1" else "calls_moba"] == counts["calls"]
+        assert counts["prefill_selected"] == counts["prefill_visible"]
+        assert counts["decode_selected"] == counts["decode_visible"]
+        assert moba["token_ids"] == base["token_ids"], name
 
 
 def test_sparse_moba_skips_blocks_on_a_long_prompt(plugin_path, model_dir, haystack_ids, tmp_path):

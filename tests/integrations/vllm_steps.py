@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
+from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheLayout, KVCacheTensor,
                                         create_kv_cache_views)
@@ -24,12 +25,14 @@ from moba_backend.plan import build_plan
 LAYER = "model.layers.3.self_attn.attn"
 
 
-def stub_vllm_config(cfg: dict, num_heads: int, max_model_len: int = 1 << 16):
-    """The few fields of VllmConfig the builder reads."""
+def stub_vllm_config(cfg: dict, num_heads: int, max_model_len: int = 1 << 16,
+                     dtype: torch.dtype = torch.float32):
+    """The few fields of VllmConfig the builders (MoBA's and vLLM's CPU attention) read."""
     return SimpleNamespace(
         additional_config={"moba_attention_config": cfg},
-        model_config=SimpleNamespace(max_model_len=max_model_len,
+        model_config=SimpleNamespace(max_model_len=max_model_len, dtype=dtype,
                                      get_num_attention_heads=lambda pc: num_heads),
+        cache_config=SimpleNamespace(cache_dtype="auto"),
         parallel_config=SimpleNamespace(decode_context_parallel_size=1),
         speculative_config=None,
         compilation_config=SimpleNamespace(static_forward_context={}),
@@ -82,7 +85,7 @@ class Harness:
             self.block_table[r, :n] = torch.tensor(perm[:n])
             perm = perm[n:]
         # plugin side
-        self.vllm_config = stub_vllm_config(self.cfg_json, s.H)
+        self.vllm_config = stub_vllm_config(self.cfg_json, s.H, dtype=self.dtype)
         self.cfg: MobaConfig = moba_config_from_vllm(self.vllm_config)
         self.spec = MobaAttentionBackend.customize_spec(
             FullAttentionSpec(block_size=s.P, num_kv_heads=s.HK, head_size=s.D, dtype=self.dtype))
@@ -93,8 +96,9 @@ class Harness:
         self.kv_cache = create_kv_cache_views(self.raw, self.spec, self.num_pages, KVCacheLayout.LBNHC,
                                               tensor)[0]
         self.builder = MobaMetadataBuilder(self.spec, [LAYER], self.vllm_config, torch.device("cpu"))
-        self.impl = MobaAttentionImpl(s.H, s.D, 1.0 / math.sqrt(s.D), s.HK, None, None, "auto")
-        self.layer = SimpleNamespace(layer_name=LAYER)
+        with set_current_vllm_config(self.vllm_config):
+            self.impl = MobaAttentionImpl(s.H, s.D, 1.0 / math.sqrt(s.D), s.HK, None, None, "auto")
+        self.layer = SimpleNamespace(layer_name=LAYER, _k_scale_float=1.0, _v_scale_float=1.0)
         # reference side: contiguous caches
         weight = None
         if self.cfg.moba_gate == "learned":

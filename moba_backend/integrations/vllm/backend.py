@@ -4,6 +4,12 @@
   prefills and prefills) into one `MobaPlan` per step, shared by every layer.
 - `MobaAttentionImpl.do_kv_cache_update` scatters the step's K/V into the paged cache;
   `forward` runs `MobaAttention.forward` (block summaries, selection, sparse attention).
+- On CPU, a step MoBA runs dense (a layer in `moba_dense_layers`, or every request of the step
+  below the seq limits) goes to vLLM's own CPU attention (`CPU_ATTN`'s builder and impl), which
+  is several times faster than the torch path; mixed steps with sparse rows stay on MoBA's path.
+  NOTE: vLLM's CPU kernel reads its own page layout (per KV head: K transposed `[D, P]`, then V
+  `[P, D]`), MoBA's ops read keys head-dim-contiguous `[P, HK, D]`; so the dense requests' pages
+  are staged into vLLM's layout, layer by layer, in a buffer planned once per step.
 
 KV cache page (one vLLM block of P tokens, per layer), logical `[B, HK, P, 2 * D]` as vLLM views
 it, K in `[..., :D]` and V in `[..., D:]`; MoBA reads it as `k_cache, v_cache: [B, P, HK, D]`.
@@ -26,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -42,6 +49,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCache
 from moba_backend.attention import MobaAttention, write_kv
 from moba_backend.config import MobaConfig, MobaConfigError, parse_moba_config
 from moba_backend.ops.common import slots_per_page, summary_slots
+from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.select.fast import selection_mask
 from moba_backend.plan import MobaPlan, build_plan
 
@@ -52,6 +60,13 @@ CONFIG_KEYS = ("moba_attention_config", "plas_attention_config")
 CONFIG_ENV = "MOBA_ATTENTION_CONFIG"
 # When set, every layer's forward appends one JSON line of selection counts to this file.
 STATS_ENV = "MOBA_STATS_FILE"
+# Set to 0 to keep dense steps on MoBA's torch path on CPU instead of vLLM's CPU attention.
+CPU_DENSE_ENV = "MOBA_CPU_DENSE_ATTN"
+# Largest staging buffer for vLLM's CPU attention; a dense step needing more stays on MoBA's path.
+# A decode-only step stages its whole context for one token per request: past a last-level cache
+# (32 MiB) the copy costs more than MoBA's path saves (tests/integrations/bench_cpu_dense.py).
+STAGING_CAP_BYTES = 256 << 20
+DECODE_STAGING_CAP_BYTES = 32 << 20
 
 SUMMARY_DTYPE = torch.float32
 _PAGE_ALIGN = 64  # bytes: keeps each page's summary float32-aligned and on its own cache line
@@ -189,12 +204,29 @@ class MobaCPUAttentionBackend(MobaAttentionBackend):
 
 
 @dataclass
+class CpuDenseStep:
+    """A step that MoBA runs dense, prepared for vLLM's CPU attention.
+
+    `staging` `[S, HK, P, 2 * D]` holds copies of the step's pages `src_pages` `[S]` in vLLM's
+    CPU page layout (filled layer by layer); `metadata` is `CPU_ATTN`'s own metadata for the step
+    with its block table pointing into `staging`.
+    """
+
+    metadata: Any
+    src_pages: torch.Tensor
+    staging: torch.Tensor
+    isa: str
+
+
+@dataclass
 class MobaMetadata:
     plan: MobaPlan
     num_actual_tokens: int
     num_decodes: int
     num_prefills: int
     max_query_len: int
+    all_dense: bool = False                  # every query of the step selects every block
+    cpu_dense: CpuDenseStep | None = None    # set on CPU when some layer runs dense this step
 
 
 class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
@@ -218,6 +250,12 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
             raise MobaConfigError(
                 f"moba_max_seq_length={cap} is below the engine's max_model_len="
                 f"{model_config.max_model_len}: start the engine with --max-model-len {cap}")
+        self._cpu_builder = None
+        self._staging: torch.Tensor | None = None
+        if cpu_dense_enabled(device):
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
+
+            self._cpu_builder = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MobaMetadata:
@@ -235,8 +273,38 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
                           cm.slot_mapping[:T], is_decode, self.page_size, self.num_heads,
                           self.num_kv_heads, device=self.device)
         n_dec = int(is_decode.sum())
+        all_dense = T > 0 and bool(plan.group_dense.all())
+        cpu_dense = None
+        if self._cpu_builder is not None and T > 0 and (all_dense or self.cfg.moba_dense_layers):
+            cap = DECODE_STAGING_CAP_BYTES if n_dec == R else STAGING_CAP_BYTES
+            cpu_dense = self._stage_for_cpu_attention(common_prefix_len, cm, T, cap)
         return MobaMetadata(plan=plan, num_actual_tokens=T, num_decodes=n_dec,
-                            num_prefills=R - n_dec, max_query_len=cm.max_query_len)
+                            num_prefills=R - n_dec, max_query_len=cm.max_query_len,
+                            all_dense=all_dense, cpu_dense=cpu_dense)
+
+    def _stage_for_cpu_attention(self, common_prefix_len: int, cm: CommonAttentionMetadata,
+                                 T: int, cap: int) -> CpuDenseStep | None:
+        """vLLM's CPU attention metadata for this step, over a staging copy of its pages (None
+        when the copy would pass `cap` bytes)."""
+        R, P = cm.num_reqs, self.page_size
+        n_pages = (cm.seq_lens[:R].cpu().long() + P - 1) // P                # [R]
+        S = int(n_pages.sum())
+        spec = self.kv_cache_spec
+        shape = (S, spec.num_kv_heads, P, 2 * spec.head_size)
+        if math.prod(shape) * spec.dtype.itemsize > cap:
+            return None
+        table = cm.block_table_tensor[:R].cpu()
+        src = torch.cat([table[r, :n].long() for r, n in enumerate(n_pages.tolist())])
+        first = torch.cumsum(n_pages, 0) - n_pages
+        staged = first[:, None] + torch.arange(int(n_pages.max()))[None, :]   # [R, max pages]
+        staged = torch.minimum(staged, torch.tensor(max(S - 1, 0))).to(torch.int32)
+        if self._staging is None or self._staging.numel() < math.prod(shape):
+            self._staging = torch.empty(math.prod(shape), dtype=spec.dtype, device=self.device)
+        md = self._cpu_builder.build(common_prefix_len, cm)
+        md = replace(md, num_actual_tokens=T, block_table=staged.to(self.device))
+        return CpuDenseStep(metadata=md, src_pages=src.to(self.device),
+                            staging=self._staging[: math.prod(shape)].view(shape),
+                            isa=self._cpu_builder.isa)
 
 
 class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
@@ -279,6 +347,14 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
             _gate_weights(self.cfg.moba_gate_weights, self._model_dir, num_kv_heads,
                           self.cfg.moba_block_size, head_size)
         self._moba: MobaAttention | None = None
+        # vLLM's CPU attention for dense steps (its constructor reads the current engine config)
+        self._cpu_impl = None
+        if cpu_dense_enabled() and vllm_config is not None:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+            self._cpu_impl = CPUAttentionBackendImpl(
+                num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype,
+                logits_soft_cap, attn_type, kv_sharing_target_layer_name)
 
     def _layer(self, layer: AttentionLayer, device: torch.device) -> MobaAttention:
         if self._moba is None:
@@ -311,12 +387,71 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         T = plan.num_tokens
         k_cache, v_cache = split_kv_cache(kv_cache, self.head_size)
         summaries = summary_view(kv_cache, moba.summary_shape(kv_cache.shape[0], kv_cache.shape[2]))
+        staged = attn_metadata.cpu_dense
+        if (staged is not None and self._cpu_impl is not None
+                and (moba.params.dense or attn_metadata.all_dense)):
+            if not moba.params.dense:  # later sparse steps read the blocks this step completes
+                update_summaries(moba, k_cache, summaries, plan)
+            stage_pages(k_cache, v_cache, staged)
+            self._cpu_impl.forward(layer, query, key, value, staged.staging, staged.metadata, output)
+            if _stats.enabled:
+                _stats.record(moba, plan, None, route="vllm_cpu")
+            return output
         sel = [] if _stats.enabled else None
         moba.forward(query[:T], None, None, k_cache, v_cache, summaries, plan, out=output[:T],
                      selection_out=sel)
         if sel:
             _stats.record(moba, plan, sel[0])
         return output
+
+
+def cpu_dense_enabled(device: torch.device | None = None) -> bool:
+    """Whether dense steps go to vLLM's CPU attention (CPU platform, not switched off)."""
+    return (current_platform.is_cpu() and (device is None or device.type == "cpu")
+            and os.environ.get(CPU_DENSE_ENV, "1") != "0")
+
+
+def update_summaries(moba: MobaAttention, k_cache: torch.Tensor, summaries: torch.Tensor,
+                     plan: MobaPlan) -> None:
+    """Pool the blocks this step completes (what `MobaAttention.forward` does first, torch path)."""
+    if plan.pool_req.numel() == 0:
+        return
+    ctx = plan.seq_lens - torch.bincount(plan.token_req.long(), minlength=plan.num_reqs).to(plan.seq_lens)
+    pooling_naive.update_block_summaries(k_cache, summaries, plan.block_table, ctx, plan.seq_lens,
+                                         moba.cfg.moba_block_size, moba.cfg.moba_gate, moba.gate_weight)
+
+
+def stage_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, step: CpuDenseStep) -> None:
+    """Copy the step's pages (MoBA's `[N, P, HK, D]` views) into `step.staging`, vLLM's CPU page
+    layout `[S, HK, P, 2 * D]`: directly where that layout is K^T then V per head (checked once
+    against vLLM's writer), else through vLLM's writer (e.g. AMX packs keys its own way)."""
+    S, HK, P, _ = step.staging.shape
+    D = k_cache.shape[-1]
+    k = k_cache.index_select(0, step.src_pages)                            # [S, P, HK, D]
+    v = v_cache.index_select(0, step.src_pages)
+    if _vllm_cpu_layout_is_plain(step.isa, step.staging.dtype, P, D):
+        halves = step.staging.view(S, HK, 2, P * D)
+        halves[:, :, 0].view(S, HK, D, P).copy_(k.permute(0, 2, 3, 1))
+        halves[:, :, 1].view(S, HK, P, D).copy_(v.permute(0, 2, 1, 3))
+        return
+    from vllm import _custom_ops as ops
+
+    kc, vc = step.staging.view(S, HK, 2 * P, D).chunk(2, dim=2)
+    slots = torch.arange(S * P, device=k.device)
+    ops.cpu_attn_reshape_and_cache(k.view(S * P, HK, D), v.view(S * P, HK, D), kc, vc, slots, step.isa)
+
+
+@functools.lru_cache(maxsize=16)
+def _vllm_cpu_layout_is_plain(isa: str, dtype: torch.dtype, page_size: int, head_size: int) -> bool:
+    """Does vLLM's CPU writer lay a page's head out as K^T `[D, P]` followed by V `[P, D]`?"""
+    from vllm import _custom_ops as ops
+
+    k = torch.randn(page_size, 1, head_size).to(dtype)
+    v = torch.randn(page_size, 1, head_size).to(dtype)
+    page = torch.zeros(1, 1, page_size, 2 * head_size, dtype=dtype)
+    kc, vc = page.view(1, 1, 2 * page_size, head_size).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(page_size), isa)
+    return torch.equal(page.flatten(), torch.cat([k[:, 0].T.flatten(), v[:, 0].flatten()]))
 
 
 @functools.lru_cache(maxsize=4)
@@ -351,15 +486,19 @@ class _SelectionStats:
     def enabled(self) -> bool:
         return self.path is not None
 
-    def record(self, moba: MobaAttention, plan: MobaPlan, sel) -> None:
-        mask = selection_mask(sel, plan, moba.num_heads)                        # [T, H, NBV]
+    def record(self, moba: MobaAttention, plan: MobaPlan, sel, route: str = "moba") -> None:
+        """`sel`: the layer's Selection, or None when every block was attended (dense)."""
         own = (plan.token_pos.long() // plan.block_size)                        # [T]
-        causal = torch.arange(mask.shape[-1], device=mask.device)[None, :] <= own[:, None]
-        picked = (mask & causal[:, None, :]).sum(dim=(1, 2))                    # [T]
         visible = (own + 1) * moba.num_heads                                    # [T]
+        if sel is None:
+            picked = visible
+        else:
+            mask = selection_mask(sel, plan, moba.num_heads)                    # [T, H, NBV]
+            causal = torch.arange(mask.shape[-1], device=mask.device)[None, :] <= own[:, None]
+            picked = (mask & causal[:, None, :]).sum(dim=(1, 2))                # [T]
         dec = plan.token_decode
         row = {
-            "layer": moba.layer_idx, "pid": os.getpid(), "tokens": plan.num_tokens,
+            "layer": moba.layer_idx, "pid": os.getpid(), "route": route, "tokens": plan.num_tokens,
             "max_pos": int(plan.token_pos.max()) if plan.num_tokens else -1,
             "prefill_selected": int(picked[~dec].sum()), "prefill_visible": int(visible[~dec].sum()),
             "decode_selected": int(picked[dec].sum()), "decode_visible": int(visible[dec].sum()),
