@@ -1,7 +1,9 @@
 """One vLLM engine run for the integration tests: `python -m tests.integrations.llm_job '<json>'`.
 
 Job keys: model, prompts (strings) or prompt_token_ids, max_tokens, max_model_len,
-max_num_batched_tokens, additional_config, out (result JSON path)."""
+max_num_batched_tokens, max_num_seqs, enable_prefix_caching, one_by_one (one generate call per
+prompt, in order, so a later prompt can hit the prefix cache of an earlier one),
+additional_config, out (result JSON path)."""
 
 from __future__ import annotations
 
@@ -29,11 +31,15 @@ def main() -> None:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompt_token_ids"]]
     else:
         prompts = job["prompts"]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    if job.get("one_by_one"):
+        outs = [o for p in prompts for o in llm.generate([p], params, use_tqdm=False)]
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=False)
     t2 = time.time()
     res = {"token_ids": [list(o.outputs[0].token_ids) for o in outs],
            "texts": [o.outputs[0].text for o in outs],
            "prompt_lens": [len(o.prompt_token_ids) for o in outs],
+           "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
            "startup_s": t1 - t0, "generate_s": t2 - t1}
     with open(job["out"], "w") as f:
         json.dump(res, f)

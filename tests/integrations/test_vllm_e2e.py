@@ -3,6 +3,9 @@
   mixed chunked-prefill + decode steps, both when its dense steps are handed to vLLM's CPU
   attention (the default on CPU) and when they run on MoBA's torch path;
 - MoBA sparse on a long prompt really skips blocks (counted by the plugin's stats hook);
+- MoBA sparse under prefix caching: a prompt whose long prefix (whole pages and MoBA blocks) is
+  served from the cache gives the greedy output it gives with prefix caching off (the summaries
+  of the cached pages are reused, not stale);
 - without FD_ATTENTION_BACKEND the installed plugin leaves vLLM's CPU attention in place."""
 
 from __future__ import annotations
@@ -67,3 +70,30 @@ def test_sparse_moba_skips_blocks_on_a_long_prompt(plugin_path, model_dir, hayst
           f"decode skipped {skipped_d:.1%} of visible (token, head, block) pairs")
     assert len(res["token_ids"][0]) == 8
     assert skipped_p > 0.3 and skipped_d > 0.5
+
+
+def test_sparse_moba_reuses_cached_prefix_pages(plugin_path, model_dir, haystack_ids, tmp_path):
+    # Block 64, 4..8 blocks per query: dense below 256 tokens, so both prompts run sparse. The
+    # shared prefix is 8 pages of 128 tokens = 16 MoBA blocks; the tails differ.
+    cfg = {"moba_block_size": 64, "moba_encoder_top_k_left": 4, "moba_encoder_top_k_right": 8,
+           "moba_decoder_top_k_left": 4, "moba_decoder_top_k_right": 8}
+    prefix = haystack_ids[:1024]
+    first = prefix + haystack_ids[1024:1424]
+    second = prefix + haystack_ids[3000:3400]
+    job = dict(model=model_dir, max_tokens=16, max_model_len=2048,
+               additional_config={"moba_attention_config": cfg})
+    stats = tmp_path / "stats.jsonl"
+    env = child_env(plugin_path, FD_ATTENTION_BACKEND="MOBA_ATTN", MOBA_STATS_FILE=str(stats))
+    cached = run_llm_job(dict(job, name="prefix_cache_on", prompt_token_ids=[first, second],
+                              one_by_one=True, enable_prefix_caching=True), env, tmp_path, 900)
+    c = read_stats(stats)
+    env.pop("MOBA_STATS_FILE")
+    fresh = run_llm_job(dict(job, name="prefix_cache_off", prompt_token_ids=[second],
+                             enable_prefix_caching=False), env, tmp_path, 900)
+    print(f"cached tokens {cached['cached_tokens']}, prefill skipped "
+          f"{1 - c['prefill_selected'] / c['prefill_visible']:.1%}; with cache "
+          f"{cached['token_ids'][1]}, without {fresh['token_ids'][0]}")
+    assert cached["cached_tokens"][0] == 0
+    assert cached["cached_tokens"][1] >= len(prefix), "the second prompt missed the prefix cache"
+    assert c["prefill_selected"] < c["prefill_visible"], "no block was skipped"
+    assert cached["token_ids"][1] == fresh["token_ids"][0]
