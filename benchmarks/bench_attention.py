@@ -307,7 +307,7 @@ def prefill_plan(cfg: MobaConfig, paged: Paged, H: int) -> MobaPlan:
     qsl = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lens, 0, dtype=torch.int32)])
     return build_plan(cfg, qsl, lens, paged.block_table, torch.cat(slots),
                       torch.zeros(len(lens), dtype=torch.bool), P, H, paged.k_cache.shape[2],
-                      device=paged.k_cache.device)
+                      device=paged.k_cache.device, head_dim=paged.k_cache.shape[3])
 
 
 def decode_plan(cfg: MobaConfig, paged: Paged, H: int) -> MobaPlan:
@@ -318,7 +318,7 @@ def decode_plan(cfg: MobaConfig, paged: Paged, H: int) -> MobaPlan:
     slots = paged.block_table.cpu().long()[torch.arange(R), last // P] * P + last % P
     return build_plan(cfg, torch.arange(R + 1, dtype=torch.int32), torch.tensor(paged.seq_lens, dtype=torch.int32),
                       paged.block_table, slots, torch.ones(R, dtype=torch.bool), P, H,
-                      paged.k_cache.shape[2], device=paged.k_cache.device)
+                      paged.k_cache.shape[2], device=paged.k_cache.device, head_dim=paged.k_cache.shape[3])
 
 
 def pool_all_blocks(cfg: MobaConfig, paged: Paged, summary: torch.Tensor, H: int, triton_impl: bool) -> None:

@@ -1,6 +1,7 @@
 """Sweep the sparse attention kernel's launch parameters on the GPU with a fixed selection.
 
     python benchmarks/tune_attention.py            # Llama-3-8B shapes, 32K and 128K
+    python benchmarks/tune_attention.py --only gate,prefill --lens 131072 --block-m 128,256
 
 Prints the median time of each configuration (triton.testing.do_bench) for prefill (`shared`
 selection, 60 blocks of 128 per tile) and decode (batch 16, 120 blocks), beside dense SDPA.
@@ -14,6 +15,7 @@ import itertools
 import torch
 import triton
 
+import moba_backend.plan as plan_mod
 from moba_backend.attention import MobaAttention
 from moba_backend.config import MobaConfig
 from moba_backend.ops.decode.triton_impl import merge_splits, num_splits_for
@@ -35,7 +37,8 @@ def make_step(L, batch, decode, H=32, HK=8, D=128, P=16, mode="shared", dtype=to
     sl = torch.full((batch,), L, dtype=torch.int32)
     pos = torch.arange(L - n_q, L)
     slots = torch.cat([bt[r, pos // P].long() * P + pos % P for r in range(batch)])
-    plan = build_plan(cfg, qsl, sl, bt, slots, torch.full((batch,), decode), P, H, HK, device="cuda")
+    plan = build_plan(cfg, qsl, sl, bt, slots, torch.full((batch,), decode), P, H, HK, device="cuda",
+                      head_dim=D)
     layer = MobaAttention(cfg, H, HK, D, impl="triton")
     sc = torch.randn(layer.summary_shape(N, P), device="cuda")
     q = torch.randn(batch * n_q, H, D, dtype=dtype, device="cuda")
@@ -49,34 +52,66 @@ def main() -> None:
     ap.add_argument("--decode-len", type=int, default=131072)
     ap.add_argument("--only", default="gate,prefill,decode")
     ap.add_argument("--pages", default="16")
+    ap.add_argument("--block-m", default="128", help="prefill rows per program (tokens x GQA group)")
+    ap.add_argument("--block-n", default="64,128")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--gate-block-m", default="64,128")
+    ap.add_argument("--gate-block-j", default="32,64,128")
+    ap.add_argument("--gate-stages", default="2,3")
+    ap.add_argument("--gate-modes", default="shared", help="moba_tile_select values of the gate rows")
     args = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
     if "gate" in args.only:
         from moba_backend.ops.select import triton_impl
-        for L in [int(x) for x in args.lens.split(",")]:
-            q, kc, vc, plan, sel, layer = make_step(L, 1, False)
+        for L, mode in itertools.product(ints(args.lens), args.gate_modes.split(",")):
+            q, kc, vc, plan, sel, layer = make_step(L, 1, False, mode=mode)
             sc = torch.randn(layer.summary_shape(kc.shape[0], kc.shape[1]), device="cuda")
             t_all = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
                                             return_mode="median")
-            print(f"gate L={L}: full shared select {t_all:.3f} ms")
-            for bm, bj, w in itertools.product([64, 128], [64, 128], [4, 8]):
-                t = triton.testing.do_bench(lambda: triton_impl.group_scores_fwd(
-                    q, sc, plan, "mean", 1, 128 ** -0.5, block_m=bm, block_j=bj, num_warps=w),
-                    return_mode="median")
-                print(f"  group kernel block_m={bm} block_j={bj} warps={w}: {t:.3f} ms")
+            print(f"gate L={L}: full {mode} select {t_all:.3f} ms")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    select(q, sc, plan, layer.params, backend="triton")
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+            if mode != "shared":
+                continue
+            ref = triton_impl.group_scores_fwd(q, sc, plan, "mean", 1, 128 ** -0.5)
+            for lp, bm, bj, w, st in itertools.product((False, True), ints(args.gate_block_m),
+                                                       ints(args.gate_block_j), ints(args.warps),
+                                                       ints(args.gate_stages)):
+                name = f"low_precision={lp} block_m={bm} block_j={bj} warps={w} stages={st}"
+                try:
+                    fn = lambda: triton_impl.group_scores_fwd(  # noqa: E731
+                        q, sc, plan, "mean", 1, 128 ** -0.5, block_m=bm, block_j=bj, num_warps=w,
+                        num_stages=st, low_precision=lp)
+                    t = triton.testing.do_bench(fn, return_mode="median")
+                    g = fn()
+                    k = max(plan.max_select, 1)
+                    same = (g.topk(k, -1).indices.sort(-1).values == ref.topk(k, -1).indices.sort(-1).values)
+                    print(f"  group kernels {name}: {t:.3f} ms; lists equal to default: "
+                          f"{same.all(-1).float().mean().item():.4f}")
+                except Exception as e:  # a config that does not fit (shared memory) is skipped
+                    print(f"  group kernels {name}: {type(e).__name__}")
     if "prefill" not in args.only:
         return
     pages = [int(x) for x in args.pages.split(",")]
-    for L, P in itertools.product([int(x) for x in args.lens.split(",")], pages):
+    tiles_for = plan_mod.tokens_per_tile_for
+    for L, P, bm in itertools.product(ints(args.lens), pages, ints(args.block_m)):
+        # plan kernel tiles of bm rows (bm / group tokens each)
+        plan_mod.tokens_per_tile_for = lambda h, hk, mode, t, d: (bm // (h // hk), bm)  # noqa: B023
         q, kc, vc, plan, sel, layer = make_step(L, 1, False, P=P)
+        plan_mod.tokens_per_tile_for = tiles_for
         out = torch.empty_like(q)
-        print(f"page size {P}")
+        print(f"page size {P}, block_m {bm}")
         dense_q = q.view(1, L, 32, 128).transpose(1, 2)
         dk = torch.randn(1, 8, L, 128, dtype=q.dtype, device="cuda").repeat_interleave(4, 1)
         t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             dense_q, dk, dk, is_causal=True), return_mode="median")
         print(f"prefill L={L}: dense sdpa {t_dense:.3f} ms; lists {tuple(sel.tile_blocks.shape)}")
-        for bn, w, st in itertools.product([64, 128], [4, 8], [2, 3]):
+        for bn, w, st in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages)):
             try:
                 fn = lambda: sparse_attn_launch(q, kc, vc, plan.block_table, plan.prefill, sel, out, None,  # noqa: E731
                                                 block_size=128, scale=128 ** -0.5, softcap=0.0, window=-1,

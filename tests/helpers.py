@@ -61,7 +61,7 @@ class Batch:
         P = self.k_cache.shape[1]
         return build_plan(cfg, self.query_start_loc, self.seq_lens, self.block_table,
                           self.slot_mapping, self.is_decode, P, self.q.shape[1], self.k_cache.shape[2],
-                          device=device)
+                          device=device, head_dim=self.q.shape[2])
 
     def write_new_kv(self) -> None:
         """Put the step's K/V into the cache (what the layer does first)."""

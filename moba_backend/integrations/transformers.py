@@ -200,7 +200,7 @@ def _run_request(state: MobaState, layer: MobaAttention, q: torch.Tensor, k: tor
                                              torch.tensor([ctx], **i32), B, cfg.moba_gate, layer.gate_weight)
     plan = build_plan(cfg, torch.tensor([0, T], **i32), torch.tensor([L], **i32), block_table,
                       torch.arange(ctx, L, **i32), torch.tensor([T == 1 and ctx > 0], device=dev),
-                      PAGE_SIZE, H, HK, device=dev)
+                      PAGE_SIZE, H, HK, device=dev, head_dim=D)
     pos = torch.arange(ctx, L, device=dev)
     need_mask = state.count or state.record_layers or state.recall
     if state.attend == "moba":

@@ -210,13 +210,17 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
     G = H // HK
     P = k_cache.shape[1]
     D_pow2 = next_pow2(max(D, 16))
-    # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128)
+    # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128, 128K tokens): 256 rows
+    # take 64 keys a step on 16-token pages (38.9 ms) and 128 on 64-token pages (35.4 ms)
     if block_n is None:
-        block_n = min(128 if block_m >= 64 else 64, block_size)
+        if block_m >= 256:
+            block_n = min(128 if P >= 64 and D <= 128 else 64, block_size)
+        else:
+            block_n = min(128 if block_m >= 64 else 64, block_size)
     if num_warps is None:
-        num_warps = 8 if block_m >= 128 and D >= 128 else 4
+        num_warps = 8 if block_m >= 256 or (block_m >= 128 and D >= 128) else 4
     if num_stages is None:
-        num_stages = 2
+        num_stages = 4 if block_m >= 256 and D <= 128 else 2
     member = sel.member_blocks
     token_mask = member is not None
     if member is None:

@@ -17,6 +17,8 @@ import triton.language as tl
 from moba_backend.ops.common import next_pow2
 from moba_backend.plan import MobaPlan
 
+LOG2E = 1.4426950408889634
+
 if TYPE_CHECKING:
     from moba_backend.ops.select.fast import Selection
 
@@ -141,98 +143,168 @@ def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslo
 
 
 @triton.jit
-def _group_score_kernel(
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _group_lse_kernel(
+    q_ptr,          # [T, H, D]
+    s_ptr,          # [N, SLOTS, S, HK, D]
+    bt_ptr,         # [R, max_pages] int32
+    g_req_ptr, g_q0_ptr, g_len_ptr, g_flo_ptr,              # [NG] int32
+    lse_ptr,        # [T, H] float32: log2-sum-exp2 of s * scale * log2(e) over the candidates
+    stride_qt, stride_qh,
+    stride_sp, stride_sslot, stride_ss, stride_sh,
+    stride_bt, stride_lt,
+    scale_log2, sink,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_J: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr, LOWP: tl.constexpr,
+):
+    """`shared` mode, pass 1: each member's softmax normaliser over its group's candidates.
+    One program = BLOCK_M members (token x head rows) of one (group, KV head)."""
+    i_g = tl.program_id(0)
+    i_hk = tl.program_id(1)
+    r0 = tl.program_id(2) * BLOCK_M
+    n_rows = tl.load(g_len_ptr + i_g) * G
+    if r0 >= n_rows:
+        return
+    i_req = tl.load(g_req_ptr + i_g).to(tl.int64)
+    q0 = tl.load(g_q0_ptr + i_g)
+    flo = tl.load(g_flo_ptr + i_g)
+    bt_row = bt_ptr + i_req * stride_bt
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_jj = tl.arange(0, BLOCK_J)
+    o_m = r0 + tl.arange(0, BLOCK_M)
+    m_row = o_m < n_rows
+    i_q = (q0 + o_m // G).to(tl.int64)
+    i_h = i_hk * G + o_m % G
+    b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                  mask=m_row[:, None] & m_d[None, :], other=0.0)
+    if not LOWP:
+        b_q = b_q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(sink, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_j = o_j < flo
+        b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot,
+                             stride_sh, MOBA_B, PAGE).to(b_q.dtype)
+        if MINMAX:
+            b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp,
+                                 stride_sslot, stride_sh, MOBA_B, PAGE).to(b_q.dtype)
+            b_s = _dot(tl.maximum(b_q, 0.0), tl.trans(b_s0), IEEE) + _dot(tl.minimum(b_q, 0.0), tl.trans(b_s1), IEEE)
+        else:
+            b_s = _dot(b_q, tl.trans(b_s0), IEEE)
+        b_s = b_s * scale_log2
+        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), axis=1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptr + i_q * stride_lt + i_h, lse, mask=m_row)
+
+
+@triton.jit
+def _group_max_kernel(
     q_ptr,          # [T, H, D]
     s_ptr,          # [N, SLOTS, S, HK, D]
     bt_ptr,         # [R, max_pages] int32
     g_req_ptr, g_q0_ptr, g_len_ptr, g_c1_ptr, g_flo_ptr,   # [NG] int32
+    lse_ptr,        # [T, H] float32 from _group_lse_kernel
     o_ptr,          # [NG, HK, NBV] float32 group scores (+inf forced, -inf past c1)
     stride_qt, stride_qh,
     stride_sp, stride_sslot, stride_ss, stride_sh,
-    stride_bt, stride_og, stride_oh,
-    scale, sink, NBV,
+    stride_bt, stride_lt, stride_og, stride_oh,
+    scale_log2, sink, NBV,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
-    MINMAX: tl.constexpr, IEEE: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """`shared` mode: group score max_m softmax_cand(s[m, :] * scale)[j] for one (group, KV head).
-
-    Two passes over the candidates per tile of members: the softmax statistics, then the
-    probabilities folded into the program's own output row (no other program writes it).
-    """
+    """`shared` mode, pass 2: for BLOCK_J blocks of one (group, KV head), the group score
+    max_m p[m, j] = 2^(max_m (z[m, j] - lse[m])) (exp2 is monotone: one exp2 per block). The
+    summaries are loaded once; the products are computed transposed ([blocks, members]) so the
+    max over members reduces inside a warp."""
     i_g = tl.program_id(0)
     i_hk = tl.program_id(1)
-    i_req = tl.load(g_req_ptr + i_g).to(tl.int64)
-    q0 = tl.load(g_q0_ptr + i_g)
-    n_rows = tl.load(g_len_ptr + i_g) * G
+    j0 = tl.program_id(2) * BLOCK_J
     c1 = tl.load(g_c1_ptr + i_g)
     flo = tl.load(g_flo_ptr + i_g)
-    bt_row = bt_ptr + i_req * stride_bt
-    p_out = o_ptr + i_g * stride_og + i_hk * stride_oh
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    o_jj = tl.arange(0, BLOCK_J)
-    # forced / past-the-group values, and -inf under the candidates to max into
-    for j0 in range(0, NBV, BLOCK_J):
-        o_j = j0 + o_jj
-        forced = (o_j <= c1) & ((o_j < sink) | (o_j >= flo))
-        val = tl.where(forced, float("inf"), float("-inf"))
-        tl.store(p_out + o_j, val, mask=o_j < NBV)
-    for r0 in range(0, n_rows, BLOCK_M):
-        o_m = r0 + tl.arange(0, BLOCK_M)
-        m_row = o_m < n_rows
-        i_q = (q0 + o_m // G).to(tl.int64)
-        i_h = i_hk * G + o_m % G
-        b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                      mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for j0 in range(sink, flo, BLOCK_J):
-            o_j = j0 + o_jj
-            m_j = o_j < flo
-            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE) * scale
-            b_s = tl.where(m_j[None, :], b_s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(b_s - m_new[:, None]), axis=1)
-            m_i = m_new
-        for j0 in range(sink, flo, BLOCK_J):
-            o_j = j0 + o_jj
-            m_j = o_j < flo
-            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE) * scale
-            b_p = tl.exp(b_s - m_i[:, None]) / l_i[:, None]
-            b_p = tl.where(m_row[:, None], b_p, float("-inf"))
-            old = tl.load(p_out + o_j, mask=m_j, other=float("-inf"))
-            tl.store(p_out + o_j, tl.maximum(old, tl.max(b_p, axis=0)), mask=m_j)
+    o_j = j0 + tl.arange(0, BLOCK_J)
+    forced = (o_j <= c1) & ((o_j < sink) | (o_j >= flo))
+    cand = (o_j >= sink) & (o_j < flo)
+    best = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)
+    if (j0 < flo) & (j0 + BLOCK_J > sink):
+        i_req = tl.load(g_req_ptr + i_g).to(tl.int64)
+        q0 = tl.load(g_q0_ptr + i_g)
+        n_rows = tl.load(g_len_ptr + i_g) * G
+        bt_row = bt_ptr + i_req * stride_bt
+        o_d = tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        dt = q_ptr.dtype.element_ty if LOWP else tl.float32
+        b_s0 = _load_summary(s_ptr, bt_row, o_j, cand, i_hk, o_d, m_d, 0, stride_sp, stride_sslot,
+                             stride_sh, MOBA_B, PAGE).to(dt)
+        if MINMAX:
+            b_s1 = _load_summary(s_ptr, bt_row, o_j, cand, i_hk, o_d, m_d, stride_ss, stride_sp,
+                                 stride_sslot, stride_sh, MOBA_B, PAGE).to(dt)
+        for r0 in range(0, n_rows, BLOCK_M):
+            o_m = r0 + tl.arange(0, BLOCK_M)
+            m_row = o_m < n_rows
+            i_q = (q0 + o_m // G).to(tl.int64)
+            i_h = i_hk * G + o_m % G
+            b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                          mask=m_row[:, None] & m_d[None, :], other=0.0).to(dt)
+            lse = tl.load(lse_ptr + i_q * stride_lt + i_h, mask=m_row, other=float("inf"))
+            if MINMAX:
+                b_t = _dot(b_s0, tl.trans(tl.maximum(b_q, 0.0)), IEEE) + _dot(b_s1, tl.trans(tl.minimum(b_q, 0.0)), IEEE)
+            else:
+                b_t = _dot(b_s0, tl.trans(b_q), IEEE)
+            b_t = b_t * scale_log2 - lse[None, :]                      # [BLOCK_J, BLOCK_M]
+            best = tl.maximum(best, tl.max(b_t, axis=1))
+    val = tl.where(forced, float("inf"), tl.where(cand, tl.exp2(best), float("-inf")))
+    tl.store(o_ptr + i_g * stride_og + i_hk * stride_oh + o_j, val, mask=o_j < NBV)
 
 
 def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, gate: str,
-                     sink: int, scale: float, block_m: int = 64, block_j: int = 64,
-                     num_warps: int = 4) -> torch.Tensor:
+                     sink: int, scale: float, block_m: int = 64, block_j: int = 128,
+                     num_warps: int = 4, num_stages: int = 2, low_precision: bool = False) -> torch.Tensor:
     """`shared` group scores of every group: [NG, HK, NBV] float32, forced +inf, past c1 -inf.
 
+    Two launches: the members' softmax normalisers, then the per-block max over members.
+    `low_precision`: products in the query's 16-bit dtype (summaries rounded to it) instead of
+    tf32; float32 queries always use exact float32 products.
     Launch defaults measured with benchmarks/tune_attention.py on an H100 (128K tokens, D 128).
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
     """
     T, H, D = q.shape
     HK = summary_cache.shape[3]
+    G = H // HK
     nbv = max(plan.num_visible_blocks, 1)
     out = torch.empty(plan.num_groups, HK, nbv, dtype=torch.float32, device=q.device)
     if plan.num_groups == 0:
         return out
-    _group_score_kernel[(plan.num_groups, HK)](
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), summary_cache.stride(0), summary_cache.stride(1),
+               summary_cache.stride(2), summary_cache.stride(3), plan.block_table.stride(0), lse.stride(0))
+    consts = dict(G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=block_m, BLOCK_J=block_j,
+                  MOBA_B=plan.block_size, PAGE=plan.page_size, MINMAX=gate == "minmax",
+                  IEEE=q.dtype == torch.float32, LOWP=low_precision and q.dtype != torch.float32,
+                  num_warps=num_warps, num_stages=num_stages)
+    scale_log2 = float(scale) * LOG2E
+    rows = plan.max_group_len * G
+    _group_lse_kernel[(plan.num_groups, HK, triton.cdiv(rows, block_m))](
         q, summary_cache, plan.block_table, plan.group_req, plan.group_q0, plan.group_len,
-        plan.group_c1, plan.group_flo, out,
-        q.stride(0), q.stride(1),
-        summary_cache.stride(0), summary_cache.stride(1), summary_cache.stride(2), summary_cache.stride(3),
-        plan.block_table.stride(0), out.stride(0), out.stride(1),
-        float(scale), int(sink), nbv,
-        G=H // HK, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=block_m, BLOCK_J=block_j,
-        MOBA_B=plan.block_size, PAGE=plan.page_size, MINMAX=gate == "minmax",
-        IEEE=q.dtype == torch.float32, num_warps=num_warps,
-    )
+        plan.group_flo, lse, *strides, scale_log2, int(sink), **consts)
+    _group_max_kernel[(plan.num_groups, HK, triton.cdiv(nbv, block_j))](
+        q, summary_cache, plan.block_table, plan.group_req, plan.group_q0, plan.group_len,
+        plan.group_c1, plan.group_flo, lse, out, *strides, out.stride(0), out.stride(1),
+        scale_log2, int(sink), nbv, **consts)
     return out
 
 
