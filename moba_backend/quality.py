@@ -130,8 +130,31 @@ def _with_needles(hay: Haystack, length: int, needles: list[tuple[float, str]], 
     return Case(task, name, ids, start, len(ids), meta)
 
 
+PASSKEY_FORMATS = ("essay", "repeat")
+# The classic passkey prompt (Landmark Attention, LongLoRA): the key hidden in a repeated filler.
+REPEAT_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                "memorize it. I will quiz you about the important information there.\n")
+REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def _repeat_passkey(tok, length: int, depth: float, key: str, name: str) -> Case:
+    """The repeated-filler passkey prompt of about `length` tokens, the needle after whole fillers."""
+    pre = tok.encode(REPEAT_INTRO)
+    fill = tok.encode(REPEAT_FILLER)
+    needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
+    q_ids = tok.encode("\nWhat is the pass key? The pass key is")
+    a_ids = tok.encode(f" {key}")
+    n = max(1, length - len(pre) - len(needle) - len(q_ids) - len(a_ids))
+    body = (fill * (n // len(fill) + 1))[:n]
+    cut = int(depth * n) // len(fill) * len(fill)
+    ids = pre + body[:cut] + needle + body[cut:] + q_ids
+    start = len(ids)
+    return Case("passkey", name, ids + a_ids, start, start + len(a_ids),
+                {"length": length, "depth": depth, "key": key, "format": "repeat"})
+
+
 def build_cases(hay: Haystack, lengths: list[int], depths: list[float], ppl_texts: int,
-                ruler: bool, seed: int) -> list[Case]:
+                ruler: bool, seed: int, passkey_formats: tuple[str, ...] = PASSKEY_FORMATS) -> list[Case]:
     rng = random.Random(seed)
     L = max(lengths)
     cases = []
@@ -143,10 +166,13 @@ def build_cases(hay: Haystack, lengths: list[int], depths: list[float], ppl_text
     for n in lengths:
         for d in depths:
             key = f"{rng.randrange(10000, 100000)}"
-            cases.append(_with_needles(
-                hay, n, [(d, f"The pass key is {key}. Remember it. {key} is the pass key.")],
-                "\nWhat is the pass key? The pass key is", f" {key}", "passkey", f"passkey@{n}/d{d:g}",
-                {"length": n, "depth": d, "key": key}, prefix=intro))
+            if "essay" in passkey_formats:
+                cases.append(_with_needles(
+                    hay, n, [(d, f"The pass key is {key}. Remember it. {key} is the pass key.")],
+                    "\nWhat is the pass key? The pass key is", f" {key}", "passkey", f"passkey@{n}/d{d:g}",
+                    {"length": n, "depth": d, "key": key, "format": "essay"}, prefix=intro))
+            if "repeat" in passkey_formats:
+                cases.append(_repeat_passkey(hay.tok, n, d, key, f"passkey-repeat@{n}/d{d:g}"))
     if ruler:
         words = ["apple", "river", "candle", "falcon", "marble", "violin", "copper", "meadow"]
         rng.shuffle(words)
@@ -273,39 +299,63 @@ def evaluate(model, cases: list[Case], gate: str, mode: str, blocks: int | None,
 # report
 
 
-def summarize(run: Run, cases: list[Case]) -> dict:
+def summarize(run: Run, cases: list[Case], args=None) -> dict:
     by = lambda task: [run.scores[c.name] for c in cases if c.task == task]  # noqa: E731
     ppl = by("ppl")
     out = {"gate": run.gate, "mode": run.mode, "blocks": run.blocks, "sparsity": run.sparsity,
            "recall": run.recall, "seconds": run.seconds,
            "ppl": math.exp(sum(s["nll"] for s in ppl) / len(ppl)) if ppl else float("nan")}
+    if args is not None and run.blocks is not None:
+        out.update(local=args.local_blocks, sink=args.sink_blocks, dense_layers=list(args.dense_layers))
     pk = by("passkey")
     out["passkey_exact"] = sum(s["exact"] for s in pk)
     out["passkey_n"] = len(pk)
     out["passkey_nll"] = sum(s["nll_sum"] for s in pk) / len(pk) if pk else float("nan")
     out["passkey_by_case"] = {c.name: run.scores[c.name]["exact"] for c in cases if c.task == "passkey"}
+    out["passkey"] = {}        # format -> {"depths": "Y n Y" pattern, "exact": k, "n": n, "nll": mean}
+    for fmt in PASSKEY_FORMATS:
+        cs = sorted((c for c in cases if c.task == "passkey" and c.meta.get("format", "essay") == fmt),
+                    key=lambda c: (c.meta["length"], c.meta["depth"]))
+        if cs:
+            sc = [run.scores[c.name] for c in cs]
+            out["passkey"][fmt] = {"exact": sum(x["exact"] for x in sc), "n": len(sc),
+                                   "pattern": "".join("Y" if x["exact"] else "n" for x in sc),
+                                   "depths": [c.meta["depth"] for c in cs],
+                                   "nll": sum(x["nll_sum"] for x in sc) / len(sc)}
     for task in ("multikey", "vartrack", "cwe"):
         s = by(task)
         out[task] = sum(x["acc"] for x in s) / len(s) if s else float("nan")
     return out
 
 
+def _passkey_cell(r: dict, fmt: str) -> str:
+    p = r.get("passkey", {}).get(fmt)
+    return f"{p['exact']}/{p['n']} ({p['pattern']}), {p['nll']:.2f}" if p else "-"
+
+
 def markdown(rows: list[dict], dense: dict, args, notes: list[str]) -> str:
+    fmts = [f for f in PASSKEY_FORMATS if f in dense.get("passkey", {})]
+    depths = next(iter(dense.get("passkey", {}).values()), {}).get("depths", [])
     lines = [f"# MoBA quality: {args.model_name}, {args.length_desc}, block {args.block_size}, "
-             f"sink {args.sink_blocks}, local {args.local_blocks}, dense layers {list(args.dense_layers)}",
-             "", "Sparsity: share of causal (query head, key) pairs skipped on the perplexity text. "
-             "Recall: dense attention mass inside the selected blocks. Passkey: exact digits (teacher-forced) "
-             "and mean NLL of the key. RULER: teacher-forced answer-token accuracy.", "",
-             "| gate | tile | blocks | sparsity | recall | tail ppl | vs dense | passkey | key NLL | "
-             "multikey | vartrack | cwe | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"tile {args.query_tile}, sink {args.sink_blocks}", "",
+             "Sparsity: share of causal (query head, key) pairs skipped on the perplexity text, all "
+             "layers (dense layers count as computed). Recall: dense attention mass inside the selected "
+             "blocks. Passkey: exact key digits (teacher-forced) at depths "
+             f"{'/'.join(f'{d:g}' for d in depths)} (Y/n each), then the key's mean NLL; `essay`: the key "
+             "in essay text, `repeat`: the key in the repeated grass/sky/sun filler. "
+             "RULER: teacher-forced answer-token accuracy.", "",
+             "| gate | tile | blocks | local | dense layers | sparsity | recall | tail ppl | vs dense | "
+             + " | ".join(f"passkey {f}" for f in fmts) + " | multikey | vartrack | cwe | s |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(fmts) + "---|---|---|---|"]
     for r in [dense] + rows:
         rel = (r["ppl"] / dense["ppl"] - 1) * 100
+        dl = r.get("dense_layers")
         lines.append(
-            f"| {r['gate']} | {r['mode']} | {r['blocks'] if r['blocks'] else 'all'} | {r['sparsity']:.1%} | "
-            f"{r['recall']:.3f} | {r['ppl']:.3f} | {rel:+.2f}% | {r['passkey_exact']}/{r['passkey_n']} | "
-            f"{r['passkey_nll']:.3f} | {r['multikey']:.2f} | {r['vartrack']:.2f} | {r['cwe']:.2f} | "
-            f"{r['seconds']:.0f} |")
+            f"| {r['gate']} | {r['mode']} | {r['blocks'] if r['blocks'] else 'all'} | {r.get('local', '-')} | "
+            f"{','.join(map(str, dl)) if dl else '-'} | {r['sparsity']:.1%} | "
+            f"{r['recall']:.3f} | {r['ppl']:.3f} | {rel:+.2f}% | "
+            + "".join(f"{_passkey_cell(r, f)} | " for f in fmts)
+            + f"{r['multikey']:.2f} | {r['vartrack']:.2f} | {r['cwe']:.2f} | {r['seconds']:.0f} |")
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -320,15 +370,17 @@ def plots(rows: list[dict], dense: dict, heat: dict, out: Path, args) -> list[st
         return ["matplotlib not installed: no plots (pip install matplotlib)"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     markers = {"token": "o", "union": "s", "shared": "^"}
-    for gate in GATES:
-        for mode in MODES:
-            pts = sorted((r["sparsity"], r) for r in rows if r["gate"] == gate and r["mode"] == mode)
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            axes[0].plot(xs, [(r["ppl"] / dense["ppl"] - 1) * 100 for _, r in pts],
-                         marker=markers[mode], label=f"{gate}/{mode}")
-            axes[1].plot(xs, [r["recall"] for _, r in pts], marker=markers[mode], label=f"{gate}/{mode}")
+    series: dict[tuple, list[dict]] = {}      # one line per gate, mode, local and dense layers
+    for r in rows:
+        key = (r["gate"], r["mode"], r.get("local"), tuple(r.get("dense_layers") or ()))
+        series.setdefault(key, []).append(r)
+    for (gate, mode, local, dl), rs in sorted(series.items(), key=lambda kv: str(kv[0])):
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        label = f"{gate}/{mode}" + (f" local {local}" if local not in (None, args.local_blocks) else "") \
+            + (f" dense {','.join(map(str, dl))}" if dl else "")
+        xs = [r["sparsity"] for r in rs]
+        axes[0].plot(xs, [(r["ppl"] / dense["ppl"] - 1) * 100 for r in rs], marker=markers[mode], label=label)
+        axes[1].plot(xs, [r["recall"] for r in rs], marker=markers[mode], label=label)
     axes[0].set_xlabel("sparsity")
     axes[0].set_ylabel("tail perplexity vs dense (%)")
     axes[1].set_xlabel("sparsity")
@@ -337,7 +389,7 @@ def plots(rows: list[dict], dense: dict, heat: dict, out: Path, args) -> list[st
     fig.tight_layout()
     fig.savefig(out / "quality_vs_sparsity.png", dpi=110)
     plt.close(fig)
-    masks = heat.get("masks", {})
+    masks = heat.get("masks", {}) if heat else {}
     if masks:
         keys = list(masks)
         fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 3.2), squeeze=False)
@@ -382,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-blocks", type=int, default=1)
     ap.add_argument("--dense-layers", type=int, nargs="*", default=[])
     ap.add_argument("--ppl-texts", type=int, default=1)
+    ap.add_argument("--passkey-formats", nargs="+", choices=PASSKEY_FORMATS, default=list(PASSKEY_FORMATS),
+                    help="essay: the key in essay text; repeat: the classic repeated-filler prompt")
+    ap.add_argument("--dense-from", help="take the dense row from this earlier quality.json (same "
+                    "model, lengths, depths, seed and formats) instead of running it again")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge the rows of these "
+                    "quality.json files (the first one's dense row) into <out>/quality.md and the plot")
     ap.add_argument("--no-ruler", action="store_true")
     ap.add_argument("--heat-layer", type=int)
     ap.add_argument("--heat-head", type=int, default=0)
@@ -389,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
@@ -414,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     args.length_desc = f"{max(args.length)} tokens"
     tok = load_tokenizer(model_dir)
     hay = Haystack(read_texts([args.data or default_haystack()]), tok, args.seed)
-    cases = build_cases(hay, args.length, args.depths, args.ppl_texts, not args.no_ruler, args.seed)
+    cases = build_cases(hay, args.length, args.depths, args.ppl_texts, not args.no_ruler, args.seed,
+                        tuple(args.passkey_formats))
 
     notes: list[str] = []
     gate_weights = None
@@ -435,27 +496,49 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(g, m, b) for b in args.blocks if b != args.main_blocks for g in args.gates
              for m in args.sweep_modes]
     passkey = [c for c in cases if c.task == "passkey"]
-    heat = {"case": passkey[len(passkey) // 2].name if passkey else cases[0].name}
+    repeat = [c for c in passkey if c.meta.get("format") == "repeat"] or passkey
+    heat = {"case": repeat[len(repeat) // 2].name if repeat else cases[0].name}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dense_run = evaluate(model, cases, "dense", "-", None, args, None, heat)
-    dense = summarize(dense_run, cases)
+    if args.dense_from:
+        dense = json.loads(Path(args.dense_from).read_text())["dense"]
+    else:
+        dense = summarize(evaluate(model, cases, "dense", "-", None, args, None, heat), cases)
     logger.info("dense: ppl %.3f, %.0f s per config", dense["ppl"], dense["seconds"])
     rows = []
     from tqdm.auto import tqdm
     for gate, mode, blocks in tqdm(plan, desc="moba-eval"):
-        r = summarize(evaluate(model, cases, gate, mode, blocks, args, gate_weights, heat), cases)
+        r = summarize(evaluate(model, cases, gate, mode, blocks, args, gate_weights, heat), cases, args)
         rows.append(r)
-        logger.info("%s/%s/%d: sparsity %.3f recall %.3f ppl %.3f passkey %d/%d", gate, mode, blocks,
-                    r["sparsity"], r["recall"], r["ppl"], r["passkey_exact"], r["passkey_n"])
-        (out / "quality.json").write_text(json.dumps({"dense": dense, "rows": rows,
-                                                      "args": vars(args)}, indent=1, default=str))
+        logger.info("%s/%s/%d: sparsity %.3f recall %.3f ppl %.3f passkey %s", gate, mode, blocks,
+                    r["sparsity"], r["recall"], r["ppl"],
+                    ", ".join(f"{f} {p['pattern']}" for f, p in r["passkey"].items()))
+        (out / "quality.json").write_text(json.dumps({"dense": dense, "rows": rows, "args": _args_json(args)},
+                                                     indent=1, default=str))
     notes += plots(rows, dense, heat, out, args)
     md = markdown(rows, dense, args, notes)
     (out / "quality.md").write_text(md)
     print(md)
     print(f"wrote {out}/quality.md, quality.json, quality_vs_sparsity.png, selection_heatmap.png")
+    return 0
+
+
+def _args_json(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "merge"}
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One table and plot from several runs (e.g. a sweep of local blocks, one run each)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    args = argparse.Namespace(**runs[0]["args"])
+    args.length_desc = f"{max(args.length)} tokens"
+    rows = [r for run in runs for r in run["rows"]]
+    out.mkdir(parents=True, exist_ok=True)
+    notes = plots(rows, runs[0]["dense"], {}, out, args)
+    md = markdown(rows, runs[0]["dense"], args, notes)
+    (out / "quality.md").write_text(md)
+    print(md)
     return 0
 
 

@@ -78,3 +78,23 @@ def test_distill_writes_file_and_resumes(tmp_path):
     res2 = distill(model, ids, out, block_size=B, seq_len=8 * B, steps=3, inner_steps=2, lr=1e-2,
                    resume=True, progress=False)
     assert [h[0] for h in res2["history"]] == [0, 1, 2]    # steps 0-1 from the checkpoint
+
+
+def test_heldout_kl_and_sum_target(tmp_path):
+    """Held-out windows come from the end of the text and are scored for the mean gate and the
+    result alike; the `sum` target is the renormalized attention mass per block."""
+    torch.manual_seed(0)
+    T, H, HK, D = 5 * B, 4, 2, 8
+    q, k = torch.randn(T, H, D), torch.randn(T, HK, D)
+    cand = candidate_mask(T, B, 1, 1)
+    tgt = layer_target(q, k, cand, B, reduce="sum")
+    t, h = T - 1, 1
+    p = torch.softmax((q[t, h] @ k[:, h // 2].T) / D ** 0.5, -1).view(5, B).sum(-1) * cand[t]
+    assert torch.allclose(tgt[t, h], p / p.sum(), atol=1e-6)
+    model = tiny_llama()
+    res = distill(model, torch.randint(0, 256, (600,)), tmp_path / "g.safetensors", block_size=B,
+                  seq_len=8 * B, steps=2, inner_steps=3, lr=1e-2, progress=False, heldout=1,
+                  target="sum")
+    kl_mean, kl_learned = res["heldout"]
+    print(f"held-out KL {kl_mean:.5f} -> {kl_learned:.5f}")
+    assert kl_mean > 0 and kl_learned > 0

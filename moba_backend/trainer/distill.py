@@ -103,10 +103,14 @@ def candidate_mask(T: int, block_size: int, sink_blocks: int, local_blocks: int,
     return (j < c - local_blocks) & (j >= sink_blocks)
 
 
+TARGETS = ("max", "sum")
+
+
 @torch.no_grad()
 def layer_target(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_size: int,
-                 chunk: int = 512) -> torch.Tensor:
-    """Max-pooled dense attention over complete blocks, renormalized over candidates.
+                 chunk: int = 512, reduce: str = "max") -> torch.Tensor:
+    """Max-pooled (or, `reduce="sum"`, summed) dense attention over complete blocks, renormalized
+    over candidates.
 
     q [T, H, D], k [T, HK, D], cand [T, NB]. Returns [T, H, NB] float32 (0 off candidates);
     computed `chunk` queries at a time so long sequences fit.
@@ -124,7 +128,8 @@ def layer_target(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_siz
         s = s.masked_fill(pos[None, None, :b] > pos[a:b, None][None], float("-inf"))
         p = torch.softmax(s, dim=-1)[..., : nb * block_size]
         p = torch.nn.functional.pad(p, (0, -p.shape[-1] % block_size))
-        pooled = p.reshape(H, b - a, -1, block_size).amax(-1)[..., :nb]             # [H, t, NB']
+        p = p.reshape(H, b - a, -1, block_size)
+        pooled = (p.amax(-1) if reduce == "max" else p.sum(-1))[..., :nb]           # [H, t, NB']
         pooled = torch.nn.functional.pad(pooled, (0, nb - pooled.shape[-1])).transpose(0, 1)
         pooled = pooled * cand[a:b, None, :]
         out[a:b] = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -158,11 +163,12 @@ class Batch:
     rows: torch.Tensor
 
 
-def make_batch(capture: QKCapture, ids: torch.Tensor, block_size: int, sink: int, local: int) -> Batch:
+def make_batch(capture: QKCapture, ids: torch.Tensor, block_size: int, sink: int, local: int,
+               target: str = "max") -> Batch:
     qk = capture(ids)
     T = ids.shape[1]
     cand = candidate_mask(T, block_size, sink, local, device=ids.device)
-    targets = [layer_target(q, k, cand, block_size) for q, k in qk]
+    targets = [layer_target(q, k, cand, block_size, reduce=target) for q, k in qk]
     return Batch(qk, targets, cand, cand.sum(1) >= 2)
 
 
@@ -197,21 +203,27 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
             seq_len: int = 2048, steps: int = 12, inner_steps: int = 5, lr: float = 1e-3,
             sink_blocks: int = 1, local_blocks: int = 1, checkpoint: str | os.PathLike | None = None,
             resume: bool = False, save_every: int = 1, seed: int = 0, progress: bool = True,
-            log_every: int = 1) -> dict:
+            log_every: int = 1, target: str = "max", heldout: int = 0) -> dict:
     """Train the gate weights of `model` on windows of `token_ids` [N]; writes `out` (safetensors).
 
     Each step captures q/k for one window of `seq_len` tokens, computes the targets once, and
     takes `inner_steps` Adam steps on all layers' W. Returns {"history": [(step, loss before,
-    loss after)], "path": out}. "loss before" is measured on a window the gate has not yet
-    seen (held out at that moment).
+    loss after)], "heldout": (KL of the mean gate, KL of the result) or None, "path": out}.
+    "loss before" is measured on a window the gate has not yet seen (held out at that moment).
+    `heldout` windows are cut from the end of `token_ids`, which training windows never touch;
+    both KLs are measured on the same windows, so they compare directly.
+    `target`: `max` (max-pooled attention, the oracle's order) or `sum` (attention mass per block).
     """
     from tqdm.auto import tqdm
 
     dev = next(model.parameters()).device
     L, HK, D = model_dims(model)
-    check_len = token_ids.numel() >= seq_len
-    if not check_len:
-        raise ValueError(f"need at least seq_len={seq_len} tokens of text, got {token_ids.numel()}")
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
+    if token_ids.numel() < (1 + heldout) * seq_len:
+        raise ValueError(f"need at least (1 + heldout) x seq_len={(1 + heldout) * seq_len} tokens of text, "
+                         f"got {token_ids.numel()}")
+    train_ids = token_ids[: token_ids.numel() - heldout * seq_len]
     if seq_len < (sink_blocks + local_blocks + 3) * block_size:
         raise ValueError(f"seq_len={seq_len} too short for block_size={block_size}: no query has 2 candidates")
     weights = [w.to(dev).requires_grad_(True) for w in mean_gate(L, HK, block_size, D)]
@@ -227,12 +239,20 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
         start, history = state["step"], state["history"]
         logger.info("resumed from %s at step %d", ckpt, start)
     rng = random.Random(seed)
-    offsets = [rng.randrange(0, token_ids.numel() - seq_len + 1) for _ in range(steps)]
+    offsets = [rng.randrange(0, train_ids.numel() - seq_len + 1) for _ in range(steps)]
     capture = QKCapture(model)
+    held = [make_batch(capture, token_ids[token_ids.numel() - (i + 1) * seq_len:][:seq_len][None].to(dev),
+                       block_size, sink_blocks, local_blocks, target) for i in range(heldout)]
+
+    def held_kl(ws) -> float | None:
+        with torch.no_grad():
+            return sum(batch_loss(ws, b).item() for b in held) / len(held) if held else None
+
+    kl_mean = held_kl([w.detach() for w in mean_gate(L, HK, block_size, D)]) if held else None
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="distill")
     for step in bar:
-        ids = token_ids[offsets[step]: offsets[step] + seq_len][None].to(dev)
-        batch = make_batch(capture, ids, block_size, sink_blocks, local_blocks)
+        ids = train_ids[offsets[step]: offsets[step] + seq_len][None].to(dev)
+        batch = make_batch(capture, ids, block_size, sink_blocks, local_blocks, target)
         before = after = None
         for i in range(inner_steps):
             opt.zero_grad()
@@ -249,11 +269,14 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
         if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
             torch.save({"step": step + 1, "weights": [w.detach().cpu() for w in weights],
                         "opt": opt.state_dict(), "history": history}, ckpt)
+    heldout_kl = (kl_mean, held_kl([w.detach() for w in weights])) if held else None
+    if heldout_kl:
+        logger.info("held-out KL (%d windows): mean gate %.4f -> learned %.4f", heldout, *heldout_kl)
     meta = {"block_size": block_size, "seq_len": seq_len, "steps": steps, "inner_steps": inner_steps,
-            "lr": lr, "sink_blocks": sink_blocks, "local_blocks": local_blocks,
-            "kl_history": json.dumps(history)}
+            "lr": lr, "sink_blocks": sink_blocks, "local_blocks": local_blocks, "target": target,
+            "kl_history": json.dumps(history), "heldout_kl": json.dumps(heldout_kl)}
     path = save_gate_weights(out, [w.detach() for w in weights], metadata=meta)
-    return {"history": history, "path": str(path)}
+    return {"history": history, "heldout": heldout_kl, "path": str(path)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--sink-blocks", type=int, default=1)
     ap.add_argument("--local-blocks", type=int, default=1)
+    ap.add_argument("--target", choices=TARGETS, default="max",
+                    help="per-block target: max-pooled attention (the oracle's order) or its sum")
+    ap.add_argument("--heldout", type=int, default=1,
+                    help="windows cut from the end of the text, never trained on, for the KL before/after")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--checkpoint", help="resume checkpoint (default: <out>.ckpt)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -295,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     res = distill(model, ids, out, block_size=args.block_size, seq_len=args.seq_len, steps=args.steps,
                   inner_steps=args.inner_steps, lr=args.lr, sink_blocks=args.sink_blocks,
                   local_blocks=args.local_blocks, checkpoint=args.checkpoint, resume=args.resume,
-                  seed=args.seed)
+                  seed=args.seed, target=args.target, heldout=args.heldout)
     h = res["history"]
     print(f"wrote {res['path']}: KL on unseen windows {h[0][1]:.4f} (mean gate) -> {h[-1][1]:.4f}; "
           f"last window after training {h[-1][2]:.4f}")
+    if res["heldout"]:
+        print(f"held-out KL ({args.heldout} x {args.seq_len} tokens): mean gate {res['heldout'][0]:.4f} "
+              f"-> learned {res['heldout'][1]:.4f}")
     return 0
 
 
