@@ -29,50 +29,60 @@ def _gate_score_kernel(
     s_ptr,          # [N, SLOTS, S, HK, D] summary cache
     bt_ptr,         # [R, max_pages] int32
     req_ptr,        # [T] int32
+    pos_ptr,        # [T] int32
     seq_ptr,        # [R] int32
     o_ptr,          # [t_hi - t_lo, H, NBV] float32
-    t_lo,
+    t_lo, t_hi,
     stride_qt, stride_qh,
     stride_sp, stride_sslot, stride_ss, stride_sh,
     stride_bt,
     stride_ot, stride_oh,
     NBV,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     MOBA_B: tl.constexpr, PAGE: tl.constexpr, BLOCK_J: tl.constexpr, MINMAX: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
+    """Raw scores of BLOCK_M // G consecutive tokens x the G heads of one KV head (row r: token
+    r // G, head r % G) against BLOCK_J blocks. Rows of several requests take one pass per
+    request (each reads its own summaries); blocks past a row's own position are stored as 0."""
+    TOKS: tl.constexpr = BLOCK_M // G
+    i_t0 = t_lo + tl.program_id(0) * TOKS
     i_hk = tl.program_id(1)
-    i_j = tl.program_id(2)
-    i_tok = (t_lo + i_t).to(tl.int64)
-    i_req = tl.load(req_ptr + i_tok).to(tl.int64)
-    n_complete = tl.load(seq_ptr + i_req) // MOBA_B
-    o_g = tl.arange(0, BLOCK_G)
+    j0 = tl.program_id(2) * BLOCK_J
+    o_m = tl.arange(0, BLOCK_M)
+    i_tok = i_t0 + o_m // G
+    m_row = (o_m < TOKS * G) & (i_tok < t_hi)
+    i_h = i_hk * G + o_m % G
     o_d = tl.arange(0, BLOCK_D)
-    o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    m_g = o_g < G
     m_d = o_d < D
-    m_j = o_j < n_complete
-    i_h = i_hk * G + o_g
-    b_q = tl.load(q_ptr + i_tok * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                  mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    last = o_j * MOBA_B + MOBA_B - 1
-    i_page = tl.load(bt_ptr + i_req * stride_bt + last // PAGE, mask=m_j, other=0).to(tl.int64)
-    slot = (last % PAGE) // MOBA_B
-    p_s = s_ptr + i_page[:, None] * stride_sp + slot[:, None] * stride_sslot + i_hk * stride_sh + o_d[None, :]
-    b_s0 = tl.load(p_s, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)   # [BLOCK_J, BLOCK_D]
-    if MINMAX:
-        b_s1 = tl.load(p_s + stride_ss, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        b_o = tl.dot(tl.maximum(b_q, 0.0), tl.trans(b_s0), input_precision="ieee") \
-            + tl.dot(tl.minimum(b_q, 0.0), tl.trans(b_s1), input_precision="ieee")
+    o_j = j0 + tl.arange(0, BLOCK_J)
+    r_tok = tl.load(req_ptr + i_tok, mask=m_row, other=-1)
+    pos = tl.load(pos_ptr + i_tok, mask=m_row, other=-1)
+    p_o = o_ptr + (i_tok - t_lo).to(tl.int64)[:, None] * stride_ot + i_h[:, None] * stride_oh + o_j[None, :]
+    m_o = m_row[:, None] & (o_j[None, :] < NBV)
+    if j0 * MOBA_B > tl.max(pos, axis=0):
+        tl.store(p_o, tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32), mask=m_o)
     else:
-        b_o = tl.dot(b_q, tl.trans(b_s0), input_precision="ieee")                     # [BLOCK_G, BLOCK_J]
-    p_o = o_ptr + i_t * stride_ot + i_h[:, None] * stride_oh + o_j[None, :]
-    tl.store(p_o, b_o, mask=m_g[:, None] & (o_j[None, :] < NBV))
+        b_q = tl.load(q_ptr + i_tok.to(tl.int64)[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                      mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        r_lo = tl.min(tl.where(m_row, r_tok, 1 << 30), axis=0)
+        r_hi = tl.max(r_tok, axis=0)
+        for r in range(r_lo, r_hi + 1):
+            m_r = r_tok == r
+            if tl.sum(m_r.to(tl.int32), axis=0) > 0:
+                n_complete = tl.load(seq_ptr + r) // MOBA_B
+                m_j = o_j < n_complete
+                bt_row = bt_ptr + r * stride_bt
+                b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot,
+                              stride_ss, stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
+                b_s = tl.where(m_j[None, :] & (o_j[None, :] * MOBA_B <= pos[:, None]), b_s, 0.0)
+                tl.store(p_o, b_s, mask=m_o & m_r[:, None])
 
 
 def gate_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, t_lo: int, t_hi: int,
                     nbv: int, gate: str) -> torch.Tensor:
-    """Raw scores of tokens [t_lo, t_hi): [t_hi - t_lo, H, nbv] float32 (0 past complete blocks).
+    """Raw scores of tokens [t_lo, t_hi): [t_hi - t_lo, H, nbv] float32 (0 past complete blocks
+    and past each token's own block). float32 queries: exact float32 products; else tf32.
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
     """
@@ -81,16 +91,20 @@ def gate_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan
     G = H // HK
     n = t_hi - t_lo
     out = torch.empty(n, H, nbv, dtype=torch.float32, device=q.device)
+    block_m = max(64, next_pow2(G))
+    toks = block_m // G
     block_j = 64
-    grid = (n, HK, triton.cdiv(nbv, block_j))
+    grid = (triton.cdiv(n, toks), HK, triton.cdiv(nbv, block_j))
+    if n == 0:
+        return out
     _gate_score_kernel[grid](
-        q, summary_cache, plan.block_table, plan.token_req, plan.seq_lens, out, t_lo,
+        q, summary_cache, plan.block_table, plan.token_req, plan.token_pos, plan.seq_lens, out, t_lo, t_hi,
         q.stride(0), q.stride(1),
         summary_cache.stride(0), summary_cache.stride(1), summary_cache.stride(2), summary_cache.stride(3),
         plan.block_table.stride(0), out.stride(0), out.stride(1), nbv,
-        G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_G=max(16, next_pow2(G)),
+        G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=block_m,
         MOBA_B=plan.block_size, PAGE=plan.page_size, BLOCK_J=block_j, MINMAX=gate == "minmax",
-        num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=4,
     )
     return out
 
