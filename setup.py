@@ -28,8 +28,8 @@ def cuda_extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     ext = CUDAExtension(
         "moba_backend._moba_cuda", SOURCES, include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
                                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]})
     return [ext], {"build_ext": BuildExtension}
 

@@ -5,13 +5,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "checks.h"
 #include "params.h"
 
 namespace moba {
 namespace {
 
-constexpr int kMaxGroup = 8;
+constexpr int kMaxGroup = 16;
 
 // Checks shared by prefill and decode; fills everything but the split buffers.
 AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
@@ -28,10 +30,17 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
                        const at::Tensor& nblocks,      // [NT_all, HK] int32
                        int64_t block_size, double scale, double softcap, int64_t window) {
   MOBA_CHECK_CUDA(q);
-  for (const auto* t : {&k_cache, &v_cache, &out, &block_table, &tile_req, &tile_q0, &tile_len, &tile_pos0,
-                        &tile_index, &blocks, &nblocks})
-    TORCH_CHECK(t->device() == q.device(), "every input must be on ", q.device(), " like q; one is on ",
-                t->device());
+  MOBA_CHECK_SAME_DEVICE(k_cache, q);
+  MOBA_CHECK_SAME_DEVICE(v_cache, q);
+  MOBA_CHECK_SAME_DEVICE(out, q);
+  MOBA_CHECK_SAME_DEVICE(block_table, q);
+  MOBA_CHECK_SAME_DEVICE(tile_req, q);
+  MOBA_CHECK_SAME_DEVICE(tile_q0, q);
+  MOBA_CHECK_SAME_DEVICE(tile_len, q);
+  MOBA_CHECK_SAME_DEVICE(tile_pos0, q);
+  MOBA_CHECK_SAME_DEVICE(tile_index, q);
+  MOBA_CHECK_SAME_DEVICE(blocks, q);
+  MOBA_CHECK_SAME_DEVICE(nblocks, q);
   MOBA_CHECK_DIM(q, 3);
   MOBA_CHECK_DIM(k_cache, 4);
   MOBA_CHECK_DIM(out, 3);
@@ -46,10 +55,10 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " != k_cache shape ",
               k_cache.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), "out shape ", out.sizes(), " != q shape ", q.sizes());
-  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&out, "out"}}) {
-    TORCH_CHECK(t->stride(-1) == 1, name, ": the head dim must be contiguous");
-    check_vec16(*t, name);
-  }
+  check_vec16(q, "q");
+  check_vec16(k_cache, "k_cache");
+  check_vec16(v_cache, "v_cache");
+  check_vec16(out, "out");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t P = k_cache.size(1), HK = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D, "head dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
@@ -58,17 +67,18 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
   TORCH_CHECK(is_pow2(block_size) && block_size >= 16, "block_size must be a power of two >= 16, got ", block_size);
   TORCH_CHECK(H % HK == 0, "query heads (", H, ") must be a multiple of KV heads (", HK, ")");
   TORCH_CHECK(H / HK <= kMaxGroup, "query heads per KV head must be <= ", kMaxGroup, ", got ", H / HK);
-  for (const auto& [t, name] : {std::pair{&block_table, "block_table"}, {&tile_req, "tile_req"},
-                                {&tile_q0, "tile_q0"}, {&tile_len, "tile_len"}, {&tile_pos0, "tile_pos0"},
-                                {&blocks, "blocks"}, {&nblocks, "nblocks"}}) {
-    TORCH_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
-    TORCH_CHECK(t->numel() == 0 || t->stride(-1) == 1, name, ": the last dim must be contiguous");
-  }
+  check_index(block_table, "block_table");
+  check_index(tile_req, "tile_req");
+  check_index(tile_q0, "tile_q0");
+  check_index(tile_len, "tile_len");
+  check_index(tile_pos0, "tile_pos0");
+  check_index(blocks, "blocks");
+  check_index(nblocks, "nblocks");
   MOBA_CHECK_DTYPE(tile_index, at::kLong);
   const int64_t NT = tile_req.numel();
-  for (const auto* t : {&tile_q0, &tile_len, &tile_pos0, &tile_index})
-    TORCH_CHECK(t->is_contiguous() && t->numel() == NT, "tile arrays must be contiguous [", NT, "]");
-  TORCH_CHECK(tile_req.is_contiguous(), "tile_req must be contiguous");
+  TORCH_CHECK(tile_q0.numel() == NT && tile_len.numel() == NT && tile_pos0.numel() == NT && tile_index.numel() == NT,
+              "tile_req, tile_q0, tile_len, tile_pos0 and tile_index must all be [", NT, "]");
+  TORCH_CHECK(tile_index.is_contiguous(), "tile_index must be contiguous");
   TORCH_CHECK(blocks.size(1) == HK && nblocks.size(1) == HK && blocks.size(0) == nblocks.size(0),
               "blocks must be [NT_all, ", HK, ", LW] and nblocks [NT_all, ", HK, "], got ", blocks.sizes(), " and ",
               nblocks.sizes());
@@ -139,6 +149,8 @@ void prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v
                              tile_index, blocks, nblocks, block_size, scale, softcap, window);
   TORCH_CHECK(tokens_per_tile >= 1, "tokens_per_tile must be >= 1, got ", tokens_per_tile);
   p.rows_per_tile = static_cast<int>(tokens_per_tile * p.group);
+  const char* variant = std::getenv("MOBA_CUDA_PREFILL_VARIANT");
+  p.variant = variant ? std::atoi(variant) : 0;
   if (p.num_tiles == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   launch_prefill_dispatch(p, q.scalar_type(), q.size(2), at::cuda::getCurrentCUDAStream());

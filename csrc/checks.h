@@ -21,6 +21,12 @@ inline void check_vec16(const at::Tensor& t, const char* name) {
                 ") must be a multiple of 8 elements for 16-byte loads");
 }
 
+// int32 index arrays: the last dim dense (a dim of one element may have any stride).
+inline void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() >= 1 && (t.size(-1) <= 1 || t.stride(-1) == 1), name, ": the last dim must be contiguous");
+}
+
 inline bool is_pow2(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
 
 }  // namespace moba

@@ -1,55 +1,61 @@
-// Sparse paged decode: one CTA = one decode token x one KV head x one split of the token's block
-// list. The GQA group's heads share every K/V load (one CTA serves all G <= 8 query heads of the
-// KV head); keys stream through shared memory 16 at a time with cp.async, kDecodeStages deep.
-// Split partials are merged by their log2-sum-exp in `merge_kernel`.
+// Sparse paged decode on tensor cores: one CTA = one decode token x one KV head x one split of
+// the token's block list. The rows of the mma tiles are the GQA group's query heads (padded to 16),
+// so every K/V load serves all heads of the group. Keys stream through shared memory 16 x kWarps
+// at a time (cp.async, kStages deep); each warp takes 16 keys of a chunk with its own online
+// softmax, so a chunk needs one barrier; warps are merged at the end, splits by `merge_kernel`.
 //
 // Launch shapes depend only on (tokens, KV heads, splits): no host sync, CUDA-graph safe.
 #pragma once
+
+#include <limits.h>
 
 #include "common.cuh"
 #include "params.h"
 
 namespace moba {
 
-constexpr int kDecodeThreads = 128;
-constexpr int kDecodeKeys = 16;     // keys per chunk: a chunk never crosses a MoBA block or a page
-constexpr int kDecodeStages = 4;
-constexpr int kDecodeMaxGroup = 8;  // query heads per KV head
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = 32 * kDecodeWarps;
+constexpr int kDecodeMaxGroup = 16;  // query heads per KV head: the 16 rows of an mma tile
+// 16 keys (one warp's share of a chunk) never cross a MoBA block (B >= 16) or a page (P a
+// multiple of 16): one block-table read places them.
+constexpr int kHalf = 16;
+constexpr int kDecodeKeys = kHalf * kDecodeWarps;
 
 template <int D>
 struct DecodeSmem {
-  static constexpr int kRow = D + 8;  // +16 bytes: rows start in distinct banks
-  static constexpr int kKvElems = kDecodeStages * kDecodeKeys * kRow;
-  static constexpr int kGroups = kDecodeThreads / (D / 8);  // key groups of the P.V step
-  static constexpr size_t kKvBytes = 2 * kKvElems * 2;
-  static constexpr size_t kRedBytes = size_t(kGroups) * kDecodeMaxGroup * D * 4;
+  static constexpr int kStages = D <= 64 ? 4 : D <= 128 ? 3 : 2;
+  static constexpr int kRow = D + 8;  // +16 bytes: the 8 rows of an ldmatrix hit distinct banks
+  static constexpr size_t kQBytes = size_t(16) * kRow * 2;
+  static constexpr size_t kKvBytes = size_t(kStages) * kDecodeKeys * kRow * 2 * 2;
+  // after the loop: each warp's O [16][D] and (m, l) [16][2], float
+  static constexpr size_t kRedBytes = size_t(kDecodeWarps) * 16 * (D + 2) * 4;
   static constexpr size_t kPoolBytes = kKvBytes > kRedBytes ? kKvBytes : kRedBytes;
-  static constexpr size_t kQBytes = size_t(kDecodeMaxGroup) * D * 4;
-  static constexpr size_t kBytes = kPoolBytes + kQBytes + kDecodeMaxGroup * (kDecodeKeys + 3) * 4;
+  static constexpr size_t kBytes = kQBytes + kPoolBytes + kStages * kDecodeWarps * 4;
 };
 
 // grid (NT, HK, S), 128 threads.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const AttnParams p) {
   using Smem = DecodeSmem<D>;
-  constexpr int kRow = Smem::kRow;
-  constexpr int DC = D / 8;                       // 16-byte chunks of a row
-  constexpr int NKG = Smem::kGroups;              // key groups in P.V
-  constexpr int KPG = kDecodeKeys / NKG;          // keys per key group and chunk
-  constexpr int kLoads = kDecodeKeys * DC / kDecodeThreads;
-  static_assert(kLoads >= 1 && kDecodeKeys % NKG == 0, "head dim must be 64, 128 or 256");
+  constexpr int kStages = Smem::kStages, kRow = Smem::kRow, KN = kDecodeKeys;
+  constexpr int DC = D / 8;                         // 16-byte pieces of a row
+  constexpr int KT = D / 16;                        // k-steps of Q.K^T
+  constexpr int DT = D / 8;                         // n-tiles of O
+  constexpr int kLoads = KN * DC / kDecodeThreads;  // K (and V) pieces a thread copies a chunk
+  constexpr int kRowsPerLoad = kDecodeThreads / DC;
+  static_assert(kLoads >= 1 && kDecodeThreads % DC == 0 && (kRowsPerLoad % kHalf == 0 || kHalf % kRowsPerLoad == 0),
+                "head dim must be 64, 128 or 256");
 
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + Smem::kKvElems;
-  float* sRed = reinterpret_cast<float*>(smem);  // aliases K/V once the loop is done
-  float* sQ = reinterpret_cast<float*>(smem + Smem::kPoolBytes);
-  float* sP = sQ + kDecodeMaxGroup * D;           // [8][16]
-  float* sAlpha = sP + kDecodeMaxGroup * kDecodeKeys;
-  float* sM = sAlpha + kDecodeMaxGroup;
-  float* sL = sM + kDecodeMaxGroup;
+  T* sQ = reinterpret_cast<T*>(smem);                                   // [16][kRow]
+  unsigned char* pool = smem + Smem::kQBytes;
+  T* sK = reinterpret_cast<T*>(pool);                                   // [stages][KN][kRow]
+  T* sV = sK + kStages * KN * kRow;
+  float* sRed = reinterpret_cast<float*>(pool);                         // aliases K/V after the loop
+  int* sHalf = reinterpret_cast<int*>(pool + Smem::kPoolBytes);         // [stages][warps] first positions
 
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int i_t = blockIdx.x, i_hk = blockIdx.y, i_s = blockIdx.z;
   const int G = p.group, B = p.block_size, P = p.page_size;
   const int64_t i_req = p.tile_req[i_t];
@@ -61,155 +67,191 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const AttnParams
   const int per_split = (n_blk + p.num_splits - 1) / p.num_splits;
   const int it_lo = min(i_s * per_split, n_blk);
   const int it_hi = min(it_lo + per_split, n_blk);
-  const int key0 = it_lo * B;
-  const int n_chunks = (it_hi - it_lo) * B / kDecodeKeys;
+  const int key0 = it_lo * B, key_end = it_hi * B;
+  const int n_chunks = (key_end - key0 + KN - 1) / KN;
   const int* bt = p.block_table + i_req * p.stride_bt;
   const T* k_base = static_cast<const T*>(p.k) + i_hk * p.stride_kh;
   const T* v_base = static_cast<const T*>(p.v) + i_hk * p.stride_vh;
 
-  // Queries of the group as float, zero rows past G.
+  // Q rows: the group's heads, zeros past G.
   const T* q = static_cast<const T*>(p.q) + i_q * p.stride_qt + int64_t(i_hk) * G * p.stride_qh;
-  for (int e = tid; e < kDecodeMaxGroup * D; e += kDecodeThreads) {
-    const int g = e / D, d = e % D;
-    sQ[e] = g < G ? TypeTraits<T>::to_float(q[g * p.stride_qh + d]) : 0.f;
+  for (int v = tid; v < 16 * DC; v += kDecodeThreads) {
+    const int g = v / DC, col = (v % DC) * 8;
+    cp_async16(sQ + g * kRow + col, q + (g < G ? g : 0) * p.stride_qh + col, g < G);
   }
 
-  // First position of chunk c (16 keys inside one block and one page); > pos_q: nothing to read.
-  auto chunk_pos = [&](int c) {
-    const int k = key0 + c * kDecodeKeys;
-    return list[k / B] * B + k % B;
-  };
-  auto load_chunk = [&](int c, int stage) {
-    if (c < n_chunks) {
-      const int pos0 = chunk_pos(c);
-      if (pos0 <= pos_q) {
-        const int64_t page = bt[pos0 / P];
-        const int64_t off_k = page * p.stride_kp + int64_t(pos0 % P) * p.stride_ks;
-        const int64_t off_v = page * p.stride_vp + int64_t(pos0 % P) * p.stride_vs;
+  // Quarters of the chunk to copy next (16 keys each): first position (INT_MAX: past the split or
+  // wholly after the token, nothing to read) and page, looked up one chunk ahead of their copies
+  // so that the dependent list and block-table reads never stall the pipeline.
+  int nx_pos[kDecodeWarps], nx_page[kDecodeWarps];
+  auto fetch = [&](int c) {
 #pragma unroll
-        for (int i = 0; i < kLoads; ++i) {
-          const int v = tid + i * kDecodeThreads;
-          const int r = v / DC, col = (v % DC) * 8;
-          const bool ok = pos0 + r <= pos_q;  // NOTE: zero-fill keys past the token: never NaN
-          const int rr = ok ? r : 0;
-          cp_async16(sK + (stage * kDecodeKeys + r) * kRow + col, k_base + off_k + rr * p.stride_ks + col, ok);
-          cp_async16(sV + (stage * kDecodeKeys + r) * kRow + col, v_base + off_v + rr * p.stride_vs + col, ok);
-        }
+    for (int h = 0; h < kDecodeWarps; ++h) {
+      const int k = key0 + c * KN + h * kHalf;
+      int pos = INT_MAX;
+      if (c < n_chunks && k < key_end) {
+        pos = list[k / B] * B + k % B;
+        if (pos > pos_q) pos = INT_MAX;
       }
+      nx_pos[h] = pos;
+      nx_page[h] = pos != INT_MAX ? bt[pos / P] : 0;
     }
-    cp_async_commit();
+  };
+  const int ld_col = (tid % DC) * 8, ld_row = tid / DC;
+  auto issue = [&](int stage) {
+    if (tid == 0) {
+#pragma unroll
+      for (int x = 0; x < kDecodeWarps; ++x) sHalf[stage * kDecodeWarps + x] = nx_pos[x];
+    }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int r = ld_row + i * kRowsPerLoad;
+      // the quarter of row r is known at compile time unless several quarters share one i
+      const int h = kRowsPerLoad >= kHalf ? (i * kRowsPerLoad) / kHalf + ld_row / kHalf : (i * kRowsPerLoad) / kHalf;
+      int hp = nx_pos[0], pg = nx_page[0];
+#pragma unroll
+      for (int x = 1; x < kDecodeWarps; ++x)
+        if (h == x) hp = nx_pos[x], pg = nx_page[x];
+      const int rh = r % kHalf;
+      // NOTE: zero-fill keys past the token (never NaN into P.V)
+      const bool ok = hp != INT_MAX && hp + rh <= pos_q;
+      const int64_t slot = ok ? int64_t(hp % P + rh) : 0;
+      const int64_t page = ok ? pg : 0;
+      cp_async16(sK + (stage * KN + r) * kRow + ld_col, k_base + page * p.stride_kp + slot * p.stride_ks + ld_col, ok);
+      cp_async16(sV + (stage * KN + r) * kRow + ld_col, v_base + page * p.stride_vp + slot * p.stride_vs + ld_col, ok);
+    }
   };
 
-  // QK role: head g = tid / 16 (two heads a warp), key n = tid % 16.
-  const int qk_g = tid / kDecodeKeys, qk_n = tid % kDecodeKeys;
-  // P.V role: 8 channels at dc, keys kg, kg + NKG, ...
-  const int dc = tid % DC, kg = tid / DC;
-  float m_run = -INFINITY, l_run = 0.f;
-  float acc[kDecodeMaxGroup][8];
+  float o[DT][4];
 #pragma unroll
-  for (int g = 0; g < kDecodeMaxGroup; ++g)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
 #pragma unroll
-  for (int s = 0; s < kDecodeStages - 1; ++s) load_chunk(s, s);
+  for (int s = 0; s < kStages - 1; ++s) {
+    fetch(s);
+    issue(s);
+    cp_async_commit();  // the first group holds Q too
+  }
+  fetch(kStages - 1);
 
+  // ldmatrix A operand (Q): matrix m = lane / 8 covers rows (m % 2) * 8, cols (m / 2) * 8.
+  const T* q_frag = sQ + ((lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
   for (int c = 0; c < n_chunks; ++c) {
-    cp_async_wait<kDecodeStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();
-    load_chunk(c + kDecodeStages - 1, (c + kDecodeStages - 1) % kDecodeStages);
-    const int pos0 = chunk_pos(c);
-    if (pos0 > pos_q) continue;  // uniform: this chunk and the rest of its block are after the token
-    const int stage = c % kDecodeStages;
+    const int stage = c % kStages;
+    const int hp = sHalf[stage * kDecodeWarps + warp];
+    issue((c + kStages - 1) % kStages);
+    cp_async_commit();
+    fetch(c + kStages);
+    if (hp == INT_MAX) continue;  // this warp's 16 keys are past the split or after the token
 
-    float s = -INFINITY;
-    const int pos_k = pos0 + qk_n;
-    if (qk_g < G && pos_k <= pos_q && (p.window <= 0 || pos_q - pos_k < p.window)) {
-      const T* kr = sK + (stage * kDecodeKeys + qk_n) * kRow;
-      const float* qr = sQ + qk_g * D;
-      float dot = 0.f;
+    // S = Q K^T over the warp's 16 keys: B operand from K [key][d], matrix m covers keys
+    // (m / 2) * 8, d (m % 2) * 8.
+    const T* k_s = sK + (stage * KN + warp * kHalf) * kRow;
+    const T* k_frag = k_s + ((lane % 8) + (lane / 16) * 8) * kRow + ((lane / 8) % 2) * 8;
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int d = 0; d < D; d += 8) {
-        float kf[8];
-        unpack8<T>(*reinterpret_cast<const uint4*>(kr + d), kf);
-        const float4 q0 = *reinterpret_cast<const float4*>(qr + d);
-        const float4 q1 = *reinterpret_cast<const float4*>(qr + d + 4);
-        dot += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
-               q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
-      }
-      s = logit_log2(dot, p.scale_log2, p.softcap);
-    }
-    float mx = s;
-#pragma unroll
-    for (int o = kDecodeKeys / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float m_new = fmaxf(m_run, mx);
-    const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-    const float pr = exp2f(s - m_safe);
-    const float alpha = exp2f(m_run - m_safe);
-    float sum = pr;
-#pragma unroll
-    for (int o = kDecodeKeys / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    l_run = l_run * alpha + sum;
-    m_run = m_new;
-    sP[qk_g * kDecodeKeys + qk_n] = pr;
-    if (qk_n == 0) sAlpha[qk_g] = alpha;
-    __syncthreads();
-
-#pragma unroll
-    for (int g = 0; g < kDecodeMaxGroup; ++g) {
-      if (g < G) {
-        const float a = sAlpha[g];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] *= a;
-      }
+    for (int kt = 0; kt < KT; ++kt) {
+      uint32_t a[4], b[4];
+      ldmatrix_x4(a, q_frag + kt * 16);
+      ldmatrix_x4(b, k_frag + kt * 16);
+      mma_16816<T>(s[0], a, b[0], b[1]);
+      mma_16816<T>(s[1], a, b[2], b[3]);
     }
 #pragma unroll
-    for (int i = 0; i < KPG; ++i) {
-      const int n = kg + i * NKG;
-      float vf[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(sV + (stage * kDecodeKeys + n) * kRow + dc * 8), vf);
+    for (int i = 0; i < 2; ++i) {
 #pragma unroll
-      for (int g = 0; g < kDecodeMaxGroup; ++g) {
-        if (g < G) {
-          const float pg = sP[g * kDecodeKeys + n];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[g][e] += pg * vf[e];
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int pos_k = hp + i * 8 + 2 * (lane % 4) + (e & 1);
+        const bool ok = pos_k <= pos_q && (p.window <= 0 || pos_q - pos_k < p.window);
+        s[i][e] = ok ? logit_log2(s[i][e], p.scale_log2, p.softcap) : -INFINITY;
       }
+    }
+    // Online softmax of rows lane / 4 and lane / 8 + 8 (one quad a row).
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      float mx = fmaxf(m_run[h2], fmaxf(fmaxf(s[0][2 * h2], s[0][2 * h2 + 1]), fmaxf(s[1][2 * h2], s[1][2 * h2 + 1])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ms = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m_run[h2] - ms);
+      m_run[h2] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        s[i][2 * h2] = exp2f(s[i][2 * h2] - ms);
+        s[i][2 * h2 + 1] = exp2f(s[i][2 * h2 + 1] - ms);
+        sum += s[i][2 * h2] + s[i][2 * h2 + 1];
+      }
+      l_run[h2] = l_run[h2] * alpha + sum;
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        o[i][2 * h2] *= alpha;
+        o[i][2 * h2 + 1] *= alpha;
+      }
+    }
+    // O += P V: P's C fragments are the A fragment; B from V [key][d] transposed, matrix m covers
+    // keys (m % 2) * 8, d (m / 2) * 8.
+    uint32_t a[4];
+    a[0] = pack2<T>(s[0][0], s[0][1]);
+    a[1] = pack2<T>(s[0][2], s[0][3]);
+    a[2] = pack2<T>(s[1][0], s[1][1]);
+    a[3] = pack2<T>(s[1][2], s[1][3]);
+    const T* v_frag = sV + (stage * KN + warp * kHalf + (lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_frag + dp * 16);
+      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
     }
   }
   cp_async_wait<0>();
   __syncthreads();
 
-  // Sum the key groups' partial outputs, then normalise.
+  // Merge the warps: each writes its O rows and (m, l); rows past G are never read.
+  float* red_o = sRed + warp * 16 * D;                         // [warps][16][D]
+  float* red_ml = sRed + kDecodeWarps * 16 * D + warp * 32;    // [warps][16][2]
 #pragma unroll
-  for (int g = 0; g < kDecodeMaxGroup; ++g) {
-    if (g < G) {
-      float* r = sRed + (kg * kDecodeMaxGroup + g) * D + dc * 8;
-      *reinterpret_cast<float4*>(r) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-      *reinterpret_cast<float4*>(r + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int row = lane / 4 + h2 * 8;
+    float l = l_run[h2];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+      *reinterpret_cast<float2*>(red_o + row * D + i * 8 + 2 * (lane % 4)) = make_float2(o[i][2 * h2], o[i][2 * h2 + 1]);
+    if (lane % 4 == 0) {
+      red_ml[row * 2] = m_run[h2];
+      red_ml[row * 2 + 1] = l;
     }
   }
-  if (qk_n == 0) {
-    sM[qk_g] = m_run;
-    sL[qk_g] = l_run;
-  }
   __syncthreads();
+  const float* ml = sRed + kDecodeWarps * 16 * D;
   for (int e = tid; e < G * D; e += kDecodeThreads) {
     const int g = e / D, d = e % D;
-    float o = 0.f;
+    float mx = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < NKG; ++k) o += sRed[(k * kDecodeMaxGroup + g) * D + d];
-    const float l = sL[g];
-    o = l > 0.f ? o / l : 0.f;
+    for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, ml[w * 32 + g * 2]);
+    const float ms = mx == -INFINITY ? 0.f : mx;
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float sc = exp2f(ml[w * 32 + g * 2] - ms);
+      num += sc * sRed[(w * 16 + g) * D + d];
+      den += sc * ml[w * 32 + g * 2 + 1];
+    }
+    const float o_gd = den > 0.f ? num / den : 0.f;
     const int h = i_hk * G + g;
     if (p.num_splits == 1) {
       T* out = static_cast<T*>(p.out) + i_q * p.stride_ot + h * p.stride_oh;
-      out[d] = TypeTraits<T>::from_float(o);
+      out[d] = TypeTraits<T>::from_float(o_gd);
     } else {
       const int64_t part = (int64_t(i_t) * p.num_heads + h) * p.num_splits + i_s;
-      p.o_part[part * D + d] = o;
-      if (d == 0) p.lse_part[part] = l > 0.f ? sM[g] + log2f(l) : -INFINITY;
+      p.o_part[part * D + d] = o_gd;
+      if (d == 0) p.lse_part[part] = den > 0.f ? mx + log2f(den) : -INFINITY;
     }
   }
 }

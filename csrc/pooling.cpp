@@ -37,11 +37,11 @@ void pool(const at::Tensor& k_cache,        // [N, P, HK, D]
   MOBA_CHECK_DIM(summary_cache, 5);
   MOBA_CHECK_LAST_CONTIG(k_cache);
   MOBA_CHECK_LAST_CONTIG(summary_cache);
-  MOBA_CHECK_DTYPE(block_table, at::kInt);
-  MOBA_CHECK_DTYPE(work_req, at::kInt);
-  MOBA_CHECK_DTYPE(work_blk, at::kInt);
-  MOBA_CHECK_LAST_CONTIG(block_table);
-  TORCH_CHECK(work_req.is_contiguous() && work_blk.is_contiguous() && work_req.numel() == work_blk.numel(),
+  check_index(block_table, "block_table");
+  check_index(work_req, "work_req");
+  check_index(work_blk, "work_blk");
+  TORCH_CHECK(work_req.dim() == 1 && work_blk.dim() == 1 && work_req.numel() == work_blk.numel() &&
+                  (work_req.numel() <= 1 || (work_req.stride(0) == 1 && work_blk.stride(0) == 1)),
               "work_req and work_blk must be contiguous [W] of one length");
   const auto kt = k_cache.scalar_type(), st = summary_cache.scalar_type();
   TORCH_CHECK(kt == at::kBFloat16 || kt == at::kHalf || kt == at::kFloat,
@@ -50,7 +50,10 @@ void pool(const at::Tensor& k_cache,        // [N, P, HK, D]
               "summary_cache dtype must be bfloat16, float16 or float32, got ", st);
   const int64_t P = k_cache.size(1), HK = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(is_pow2(block_size) && block_size >= 16, "block_size must be a power of two >= 16, got ", block_size);
-  TORCH_CHECK(D >= 8 && D <= 256 && 256 % D == 0, "head dim must divide 256 (8..256), got ", D);
+  const int64_t vec = 16 / k_cache.element_size();
+  TORCH_CHECK(D % vec == 0 && D / vec <= 256 && 256 % (D / vec) == 0,
+              "head dim must be a power of two from ", vec, " to ", 256 * vec, ", got ", D);
+  check_vec16(k_cache, "k_cache");
   TORCH_CHECK(gate >= 0 && gate <= 3, "gate must be 0 (mean), 1 (max), 2 (minmax) or 3 (learned), got ", gate);
   const int64_t slots = P > block_size ? P / block_size : 1;
   TORCH_CHECK(summary_cache.size(0) == k_cache.size(0) && summary_cache.size(1) == slots &&

@@ -15,26 +15,31 @@
 
 namespace moba {
 
-template <int D> struct PrefillConfig;
-template <> struct PrefillConfig<64> { static constexpr int kWarps = 8, kBN = 64; static constexpr bool kQRegs = true; };
-template <> struct PrefillConfig<128> { static constexpr int kWarps = 8, kBN = 64; static constexpr bool kQRegs = true; };
-template <> struct PrefillConfig<256> { static constexpr int kWarps = 4, kBN = 32; static constexpr bool kQRegs = false; };
+// Tile shapes a head dim (and variant): warps, 16-row m-tiles a warp (2: each K/V fragment read
+// from shared memory feeds twice the mma work), keys a chunk, Q fragments kept in registers.
+template <int D, int V = 0> struct PrefillConfig;
+template <> struct PrefillConfig<64, 0> { static constexpr int kWarps = 4, kMT = 2, kBN = 64, kStages = 3; static constexpr bool kQRegs = true; };
+template <> struct PrefillConfig<128, 0> { static constexpr int kWarps = 4, kMT = 2, kBN = 32, kStages = 3; static constexpr bool kQRegs = false; };
+template <> struct PrefillConfig<128, 1> { static constexpr int kWarps = 8, kMT = 1, kBN = 64, kStages = 3; static constexpr bool kQRegs = true; };
+template <> struct PrefillConfig<128, 2> { static constexpr int kWarps = 4, kMT = 2, kBN = 32, kStages = 4; static constexpr bool kQRegs = false; };
+template <> struct PrefillConfig<256, 0> { static constexpr int kWarps = 4, kMT = 1, kBN = 32, kStages = 2; static constexpr bool kQRegs = false; };
 
-template <int D>
+template <int D, int V = 0>
 struct PrefillSmem {
-  static constexpr int kWarps = PrefillConfig<D>::kWarps, kBN = PrefillConfig<D>::kBN;
-  static constexpr int kBM = 16 * kWarps;
+  using Cfg = PrefillConfig<D, V>;
+  static constexpr int kBM = 16 * Cfg::kMT * Cfg::kWarps, kBN = Cfg::kBN;
   static constexpr int kRow = D + 8;  // +16 bytes: the 8 rows of an ldmatrix hit distinct banks
   static constexpr size_t kQElems = size_t(kBM) * kRow;
   static constexpr size_t kKvElems = size_t(kBN) * kRow;  // one stage of K (or V)
-  static constexpr size_t kBytes = (kQElems + 4 * kKvElems) * 2 + 2 * kBN * sizeof(int);
+  static constexpr size_t kBytes = (kQElems + 2 * Cfg::kStages * kKvElems) * 2 + Cfg::kStages * kBN * sizeof(int);
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(PrefillConfig<D>::kWarps * 32) prefill_kernel(const AttnParams p) {
-  using Cfg = PrefillConfig<D>;
-  using Smem = PrefillSmem<D>;
+template <typename T, int D, int V>
+__global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kernel(const AttnParams p) {
+  using Cfg = PrefillConfig<D, V>;
+  using Smem = PrefillSmem<D, V>;
   constexpr int kThreads = Cfg::kWarps * 32, kBN = Cfg::kBN, kBM = Smem::kBM, kRow = Smem::kRow;
+  constexpr int MT = Cfg::kMT;
   constexpr int DC = D / 8;
   constexpr int KT = D / 16;    // k-steps of Q.K^T
   constexpr int NT = kBN / 8;   // n-tiles of S
@@ -42,9 +47,10 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kWarps * 32) prefill_kernel(
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + Smem::kQElems;               // [2][kBN][kRow]
-  T* sV = sK + 2 * Smem::kKvElems;          // [2][kBN][kRow]
-  int* sPos = reinterpret_cast<int*>(sV + 2 * Smem::kKvElems);  // [2][kBN] key positions
+  constexpr int NS = Cfg::kStages;
+  T* sK = sQ + Smem::kQElems;               // [NS][kBN][kRow]
+  T* sV = sK + NS * Smem::kKvElems;         // [NS][kBN][kRow]
+  int* sPos = reinterpret_cast<int*>(sV + NS * Smem::kKvElems);  // [NS][kBN] key positions
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int i_t = blockIdx.x, i_hk = blockIdx.y;
@@ -78,79 +84,118 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kWarps * 32) prefill_kernel(
     const int h = i_hk * G + (ok ? rr % G : 0);
     cp_async16(sQ + r * kRow + col, q_base + tq * p.stride_qt + h * p.stride_qh + col, ok);
   }
-  auto load_chunk = [&](int c, int stage) {
-    T* dk = sK + stage * Smem::kKvElems;
-    T* dv = sV + stage * Smem::kKvElems;
-    for (int v = tid; v < kBN * DC; v += kThreads) {
-      const int r = v / DC, col = (v % DC) * 8;
-      const int k = c * kBN + r;
+  // K/V rows this thread copies: rows (tid + i * kThreads) / DC, 16 bytes at column (tid % DC) * 8.
+  // Their pages are looked up one chunk ahead (`fetch`) so that the dependent list and block
+  // table reads never stall the copies (`issue`) or the mma work between them.
+  constexpr int NL = kBN * DC / kThreads;
+  static_assert(NL >= 1 && kThreads % DC == 0, "tile shape");
+  const int ld_col = (tid % DC) * 8;
+  int nx_pos[NL], nx_page[NL];
+  auto fetch = [&](int c) {
+#pragma unroll
+    for (int i = 0; i < NL; ++i) {
+      const int k = c * kBN + (tid + i * kThreads) / DC;
       int pos = k < n_keys ? key_pos(k) : INT_MAX;
       // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
-      const bool ok = pos <= max_pos;
-      int64_t page = 0, slot = 0;
-      if (ok) {
-        page = bt[pos / P];
-        slot = pos % P;
-      }
-      cp_async16(dk + r * kRow + col, k_base + page * p.stride_kp + slot * p.stride_ks + col, ok);
-      cp_async16(dv + r * kRow + col, v_base + page * p.stride_vp + slot * p.stride_vs + col, ok);
-      if (col == 0) sPos[stage * kBN + r] = ok ? pos : INT_MAX;
+      pos = pos <= max_pos ? pos : INT_MAX;
+      nx_pos[i] = pos;
+      nx_page[i] = pos != INT_MAX ? bt[pos / P] : 0;
+    }
+  };
+  auto issue = [&](int stage) {
+    T* dk = sK + stage * Smem::kKvElems;
+    T* dv = sV + stage * Smem::kKvElems;
+#pragma unroll
+    for (int i = 0; i < NL; ++i) {
+      const int r = (tid + i * kThreads) / DC;
+      const bool ok = nx_pos[i] != INT_MAX;
+      const int64_t page = nx_page[i], slot = ok ? nx_pos[i] % P : 0;
+      cp_async16(dk + r * kRow + ld_col, k_base + page * p.stride_kp + slot * p.stride_ks + ld_col, ok);
+      cp_async16(dv + r * kRow + ld_col, v_base + page * p.stride_vp + slot * p.stride_vs + ld_col, ok);
+      if (ld_col == 0) sPos[stage * kBN + r] = nx_pos[i];
     }
   };
   auto chunk_live = [&](int c) { return c < n_chunks && key_pos(c * kBN) <= max_pos; };
 
-  // Rows of this thread in its warp's 16-row slab (mma C layout): r_a = lane / 4, r_b = r_a + 8.
-  const int r_a = warp * 16 + lane / 4, r_b = r_a + 8;
-  const int qpos_a = pos0 + (row0 + r_a) / G, qpos_b = pos0 + (row0 + r_b) / G;
-
-  float o[DT][4];
+  // Rows of this thread (mma C layout): per m-tile, lane / 4 and lane / 4 + 8 of the warp's slab.
+  const int warp_row = warp * 16 * MT;
+  int qpos[MT][2];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
-  uint32_t qf[Cfg::kQRegs ? KT : 1][4];
-
-  const bool live0 = chunk_live(0);
-  if (live0) load_chunk(0, 0);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  // ldmatrix A operand: matrix m = lane / 8 covers rows (m % 2) * 8, cols (m / 2) * 8.
-  const T* q_frag_base = sQ + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
-  if constexpr (Cfg::kQRegs) {
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kt = 0; kt < KT; ++kt) ldmatrix_x4(qf[kt], q_frag_base + kt * 16);
+    for (int h2 = 0; h2 < 2; ++h2) qpos[mt][h2] = pos0 + (row0 + warp_row + mt * 16 + lane / 4 + h2 * 8) / G;
+
+  float o[MT][DT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m_run[mt][0] = m_run[mt][1] = -INFINITY, l_run[mt][0] = l_run[mt][1] = 0.f;
+  uint32_t qf[Cfg::kQRegs ? MT : 1][Cfg::kQRegs ? KT : 1][4];
+
+  // Pipeline: chunks c + 1 .. c + NS - 1 are in flight while chunk c is computed.
+#pragma unroll
+  for (int c = 0; c < NS - 1; ++c) {
+    if (chunk_live(c)) {
+      fetch(c);
+      issue(c);
+    }
+    cp_async_commit();  // the first group holds Q too
   }
+  fetch(NS - 1);
+  // ldmatrix A operand: matrix m = lane / 8 covers rows (m % 2) * 8, cols (m / 2) * 8.
+  const T* q_frag_base = sQ + (warp_row + (lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
 
-  for (int c = 0; live0; ++c) {
-    const int stage = c & 1;
-    const bool next = chunk_live(c + 1);
-    if (next) load_chunk(c + 1, stage ^ 1);
+  for (int c = 0; chunk_live(c); ++c) {
+    cp_async_wait<NS - 2>();
+    __syncthreads();
+    if constexpr (Cfg::kQRegs) {
+      if (c == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int kt = 0; kt < KT; ++kt) ldmatrix_x4(qf[mt][kt], q_frag_base + mt * 16 * kRow + kt * 16);
+      }
+    }
+    const int stage = c % NS;
+    if (chunk_live(c + NS - 1)) issue((c + NS - 1) % NS);
     cp_async_commit();
+    fetch(c + NS);
 
     const T* k_s = sK + stage * Smem::kKvElems;
     const T* v_s = sV + stage * Smem::kKvElems;
     const int* pos_s = sPos + stage * kBN;
 
-    float s[NT][4];
+    float s[MT][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
     // B operand from K [key][d]: matrix m covers keys (m / 2) * 8, d (m % 2) * 8.
     const T* k_frag = k_s + ((lane % 8) + (lane / 16) * 8) * kRow + ((lane / 8) % 2) * 8;
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
-      uint32_t a[4];
-      if constexpr (Cfg::kQRegs) {
+      uint32_t a[MT][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = qf[kt][i];
-      } else {
-        ldmatrix_x4(a, q_frag_base + kt * 16);
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (Cfg::kQRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt][kt][i];
+        } else {
+          ldmatrix_x4(a[mt], q_frag_base + mt * 16 * kRow + kt * 16);
+        }
       }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, k_frag + np * 16 * kRow + kt * 16);
-        mma_16816<T>(s[2 * np], a, b[0], b[1]);
-        mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
 
@@ -158,54 +203,50 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kWarps * 32) prefill_kernel(
     const int last_k = min((c + 1) * kBN, n_keys) - 1;
     const bool masked = p.window > 0 || (c + 1) * kBN > n_keys || key_pos(last_k) > min_pos;
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = logit_log2(s[i][e], p.scale_log2, p.softcap);
-        if (masked) {
-          const int kp = pos_s[i * 8 + 2 * (lane % 4) + (e & 1)];
-          const int qp = e < 2 ? qpos_a : qpos_b;
-          const bool ok = kp <= qp && (p.window <= 0 || qp - kp < p.window);
-          x = ok ? x : -INFINITY;
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = logit_log2(s[mt][i][e], p.scale_log2, p.softcap);
+          if (masked) {
+            const int kp = pos_s[i * 8 + 2 * (lane % 4) + (e & 1)];
+            const int qp = qpos[mt][e >> 1];
+            const bool ok = kp <= qp && (p.window <= 0 || qp - kp < p.window);
+            x = ok ? x : -INFINITY;
+          }
+          s[mt][i][e] = x;
         }
-        s[i][e] = x;
       }
     }
 
-    // Online softmax, two rows a thread; a row's 4 threads are one quad.
-    float mx_a = m_a, mx_b = m_b;
+    // Online softmax: a row's 4 threads are one quad.
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      mx_a = fmaxf(mx_a, fmaxf(s[i][0], s[i][1]));
-      mx_b = fmaxf(mx_b, fmaxf(s[i][2], s[i][3]));
-    }
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int o_ = 1; o_ < 4; o_ <<= 1) {
-      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, o_));
-      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, o_));
-    }
-    const float ms_a = mx_a == -INFINITY ? 0.f : mx_a, ms_b = mx_b == -INFINITY ? 0.f : mx_b;
-    const float al_a = exp2f(m_a - ms_a), al_b = exp2f(m_b - ms_b);
-    m_a = mx_a;
-    m_b = mx_b;
-    float sum_a = 0.f, sum_b = 0.f;
+      for (int h2 = 0; h2 < 2; ++h2) {
+        float mx = m_run[mt][h2];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      s[i][0] = exp2f(s[i][0] - ms_a);
-      s[i][1] = exp2f(s[i][1] - ms_a);
-      s[i][2] = exp2f(s[i][2] - ms_b);
-      s[i][3] = exp2f(s[i][3] - ms_b);
-      sum_a += s[i][0] + s[i][1];
-      sum_b += s[i][2] + s[i][3];
-    }
-    l_a = l_a * al_a + sum_a;
-    l_b = l_b * al_b + sum_b;
+        for (int i = 0; i < NT; ++i) mx = fmaxf(mx, fmaxf(s[mt][i][2 * h2], s[mt][i][2 * h2 + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float ms = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m_run[mt][h2] - ms);
+        m_run[mt][h2] = mx;
+        float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      o[i][0] *= al_a;
-      o[i][1] *= al_a;
-      o[i][2] *= al_b;
-      o[i][3] *= al_b;
+        for (int i = 0; i < NT; ++i) {
+          s[mt][i][2 * h2] = exp2f(s[mt][i][2 * h2] - ms);
+          s[mt][i][2 * h2 + 1] = exp2f(s[mt][i][2 * h2 + 1] - ms);
+          sum += s[mt][i][2 * h2] + s[mt][i][2 * h2 + 1];
+        }
+        l_run[mt][h2] = l_run[mt][h2] * alpha + sum;
+#pragma unroll
+        for (int i = 0; i < DT; ++i) {
+          o[mt][i][2 * h2] *= alpha;
+          o[mt][i][2 * h2 + 1] *= alpha;
+        }
+      }
     }
 
     // O += P V: P's C fragments are the A fragments of the next mma; B from V [key][d] transposed,
@@ -213,55 +254,65 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kWarps * 32) prefill_kernel(
     const T* v_frag = v_s + ((lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, v_frag + kk * 16 * kRow + dp * 16);
-        mma_16816<T>(o[2 * dp], a, b[0], b[1]);
-        mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][2 * dp], a[mt], b[0], b[1]);
+          mma_16816<T>(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
       }
     }
-
-    if (!next) break;
-    cp_async_wait<0>();
-    __syncthreads();
   }
 
-#pragma unroll
-  for (int o_ = 1; o_ < 4; o_ <<= 1) {
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, o_);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, o_);
-  }
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
   T* out = static_cast<T*>(p.out);
-  const int rr_a = row0 + r_a, rr_b = row0 + r_b;
-  T* out_a = out + (i_q0 + rr_a / G) * p.stride_ot + (i_hk * G + rr_a % G) * p.stride_oh + 2 * (lane % 4);
-  T* out_b = out + (i_q0 + rr_b / G) * p.stride_ot + (i_hk * G + rr_b % G) * p.stride_oh + 2 * (lane % 4);
 #pragma unroll
-  for (int i = 0; i < DT; ++i) {
-    if (rr_a < n_rows)
-      *reinterpret_cast<typename TypeTraits<T>::pair*>(out_a + i * 8) =
-          TypeTraits<T>::from_float2(o[i][0] * inv_a, o[i][1] * inv_a);
-    if (rr_b < n_rows)
-      *reinterpret_cast<typename TypeTraits<T>::pair*>(out_b + i * 8) =
-          TypeTraits<T>::from_float2(o[i][2] * inv_b, o[i][3] * inv_b);
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      float l = l_run[mt][h2];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int rr = row0 + warp_row + mt * 16 + lane / 4 + h2 * 8;
+      if (rr >= n_rows) continue;
+      T* dst = out + (i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
+#pragma unroll
+      for (int i = 0; i < DT; ++i)
+        *reinterpret_cast<typename TypeTraits<T>::pair*>(dst + i * 8) =
+            TypeTraits<T>::from_float2(o[mt][i][2 * h2] * inv, o[mt][i][2 * h2 + 1] * inv);
+    }
   }
+}
+
+template <typename T, int D, int V>
+void launch_prefill_variant(const AttnParams& p, cudaStream_t stream) {
+  constexpr int kBM = PrefillSmem<D, V>::kBM;
+  constexpr size_t smem = PrefillSmem<D, V>::kBytes;
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(prefill_kernel<T, D, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const dim3 grid(p.num_tiles, p.num_kv_heads, (p.rows_per_tile + kBM - 1) / kBM);
+  prefill_kernel<T, D, V><<<grid, PrefillConfig<D, V>::kWarps * 32, smem, stream>>>(p);
 }
 
 template <typename T, int D>
 void launch_prefill(const AttnParams& p, cudaStream_t stream) {
   if (p.num_tiles == 0) return;
-  constexpr int kBM = PrefillSmem<D>::kBM;
-  constexpr size_t smem = PrefillSmem<D>::kBytes;
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  const dim3 grid(p.num_tiles, p.num_kv_heads, (p.rows_per_tile + kBM - 1) / kBM);
-  prefill_kernel<T, D><<<grid, PrefillConfig<D>::kWarps * 32, smem, stream>>>(p);
+  if constexpr (D == 128) {
+    if (p.variant == 1) return launch_prefill_variant<T, D, 1>(p, stream);
+    if (p.variant == 2) return launch_prefill_variant<T, D, 2>(p, stream);
+  }
+  launch_prefill_variant<T, D, 0>(p, stream);
 }
 
 }  // namespace moba

@@ -23,12 +23,13 @@ CSRC_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "csrc")
 # Torch launchers and the torch-free kernel instantiations they call.
 SOURCES = ("pooling.cpp", "attention.cpp", "kernels_pool.cu", "kernels_decode.cu",
            "kernels_prefill_bf16.cu", "kernels_prefill_fp16.cu")
-NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
+# NOTE: no -std here: the launchers include torch's headers and must use torch's own standard.
+NVCC_FLAGS = ("-O3", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
               "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__")
 
 # What the kernels take (csrc/attention.cpp checks the same and names what is wrong).
 HEAD_DIMS = (64, 128, 256)
-MAX_GROUP = 8
+MAX_GROUP = 16
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:
@@ -59,7 +60,7 @@ def _build() -> None:
     os.makedirs(build_dir, exist_ok=True)
     cap = torch.cuda.get_device_capability()
     load(name="moba_cuda_ext", sources=[os.path.join(CSRC_DIR, s) for s in SOURCES],
-         extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=[*NVCC_FLAGS, *arch_flags(cap)],
+         extra_cflags=["-O3"], extra_cuda_cflags=[*NVCC_FLAGS, *arch_flags(cap)],
          extra_include_paths=[CSRC_DIR], build_directory=build_dir, is_python_module=False,
          verbose=os.environ.get("MOBA_CUDA_VERBOSE") == "1")
 

@@ -53,9 +53,9 @@ def attention_case(reqs, H, HK, D, P, B, dtype, kind, splits=None, softcap=0.0, 
     out = torch.full_like(b.q, float("nan")).cuda()           # poisoned: every row must be written
     args = (dev(b.q), dev(b.k_cache), dev(b.v_cache), dev(b.block_table))
     common = dict(block_size=B, scale=D ** -0.5, softcap=softcap, window=window)
-    if kind == "prefill":
+    if kind in ("prefill", "both"):
         sparse_prefill_fwd(*args, plan.prefill, sel, out, tokens_per_tile=plan.tokens_per_tile, **common)
-    else:
+    if kind in ("decode", "both"):
         sparse_decode_fwd(*args, plan.decode, sel, out, num_splits=splits, **common)
     torch.cuda.synchronize()
     assert_close(out.cpu(), ref, 1e-2, f"cuda {kind} {dtype}")
@@ -92,9 +92,10 @@ def test_cuda_decode_softcap_and_window(dtype):
                    softcap=5.0, window=100)
 
 
-@pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_cuda_mixed_batch(kind):
-    attention_case(MIXED, 32, 8, 128, 16, 16, torch.bfloat16, kind)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_mixed_batch(dtype):
+    """Prefills, chunked prefills and decodes in one step: both kernels write their rows."""
+    attention_case(MIXED, 32, 8, 128, 16, 16, dtype, "both")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
