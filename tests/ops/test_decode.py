@@ -45,3 +45,25 @@ def test_decode_kernel_fixed_selection(case, splits):
 @pytest.mark.parametrize("case", list(CASES) + list(GPU_CASES), ids=list(CASES) + list(GPU_CASES))
 def test_decode_kernel_gpu(case, dtype):
     run_case(*{**CASES, **GPU_CASES}[case], dtype=dtype, dev="cuda", tol=1e-2)
+
+
+@requires_triton
+def test_merge_kernel_matches_torch_merge():
+    """The fused split merge equals `merge_splits`, empty splits (lse -inf) included, and writes
+    only the named rows."""
+    from moba_backend.ops.decode.triton_impl import merge_splits, merge_splits_fwd
+
+    dev = kernel_device()
+    NT, H, S, D = 5, 6, 3, 80
+    o_part = torch.randn(NT, H, S, D, device=dev)
+    lse = torch.randn(NT, H, S, device=dev) * 4
+    lse[0, :, 1] = float("-inf")
+    lse[2, 3, :] = float("-inf")        # every split empty: zeros, as the torch merge gives
+    rows = torch.tensor([7, 1, 4, 0, 9], dtype=torch.int32, device=dev)
+    out = torch.full((10, H, D), float("nan"), device=dev)
+    merge_splits_fwd(o_part, lse, rows, out)
+    ref = merge_splits(o_part, lse)
+    assert_close(out[rows.long()].cpu(), ref.cpu(), 1e-5, "merge")
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[rows.long().cpu()] = False
+    assert out.cpu()[untouched].isnan().all()

@@ -9,6 +9,8 @@ back from the device, so a step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from moba_backend.ops.common import next_pow2
 from moba_backend.ops.prefill.triton_impl import check_attn_inputs, sparse_attn_launch
@@ -29,6 +31,47 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     m = lse.amax(-1, keepdim=True)
     w = torch.exp2(lse - torch.where(torch.isinf(m), 0.0, m))
     return (o_part * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+@triton.jit
+def _merge_kernel(
+    o_ptr,          # [NT, H, S, D] float32 partials
+    lse_ptr,        # [NT, H, S] float32 log2-sum-exp (-inf: empty)
+    q0_ptr,         # [NT] int32 row of each tile's token in out
+    out_ptr,        # [T, H, D]
+    stride_ot, stride_oh, stride_os,
+    stride_et, stride_eh,
+    stride_yt, stride_yh,
+    S: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """`merge_splits` for one (decode token, head), written straight into its row of out."""
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    o_s = tl.arange(0, BLOCK_S)
+    o_d = tl.arange(0, BLOCK_D)
+    m_s = o_s < S
+    m_d = o_d < D
+    lse = tl.load(lse_ptr + i_t * stride_et + i_h * stride_eh + o_s, mask=m_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    b_o = tl.load(o_ptr + i_t * stride_ot + i_h * stride_oh + o_s[:, None] * stride_os + o_d[None, :],
+                  mask=m_s[:, None] & m_d[None, :], other=0.0)
+    acc = tl.sum(b_o * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    i_row = tl.load(q0_ptr + i_t).to(tl.int64)
+    tl.store(out_ptr + i_row * stride_yt + i_h * stride_yh + o_d, acc.to(out_ptr.dtype.element_ty), mask=m_d)
+
+
+def merge_splits_fwd(o_part: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """out[rows[t], h] = merge_splits(o_part, lse)[t, h], in one launch."""
+    NT, H, S, D = o_part.shape
+    if NT == 0:
+        return
+    _merge_kernel[(NT, H)](
+        o_part, lse, rows, out,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        S=S, BLOCK_S=next_pow2(S), D=D, BLOCK_D=next_pow2(max(D, 16)), num_warps=1 if D <= 64 else 2,
+    )
 
 
 def sparse_decode_fwd(q, k_cache, v_cache, block_table, tiles, sel, out, *, block_size, scale,
@@ -56,5 +99,5 @@ def sparse_decode_fwd(q, k_cache, v_cache, block_table, tiles, sel, out, *, bloc
     sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, o_part, lse,
                        block_size=block_size, scale=scale, softcap=softcap, window=window,
                        block_m=block_m, num_splits=S)
-    out[tiles.q0.long()] = merge_splits(o_part, lse).to(out.dtype)
+    merge_splits_fwd(o_part, lse, tiles.q0, out)
     return out
