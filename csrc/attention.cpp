@@ -5,8 +5,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-
 #include "checks.h"
 #include "params.h"
 
@@ -149,8 +147,6 @@ void prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v
                              tile_index, blocks, nblocks, block_size, scale, softcap, window);
   TORCH_CHECK(tokens_per_tile >= 1, "tokens_per_tile must be >= 1, got ", tokens_per_tile);
   p.rows_per_tile = static_cast<int>(tokens_per_tile * p.group);
-  const char* variant = std::getenv("MOBA_CUDA_PREFILL_VARIANT");
-  p.variant = variant ? std::atoi(variant) : 0;
   if (p.num_tiles == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   launch_prefill_dispatch(p, q.scalar_type(), q.size(2), at::cuda::getCurrentCUDAStream());

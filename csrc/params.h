@@ -50,7 +50,6 @@ struct AttnParams {
   float scale_log2;        // softmax scale * log2(e)
   float softcap;           // > 0: logits = softcap * tanh(logits / softcap)
   int window;              // > 0: keys with pos_q - pos_k < window only
-  int variant;             // prefill tile shape (PrefillConfig), 0: the default
 };
 
 template <typename T, typename TS> void launch_pool(const PoolParams& p, cudaStream_t stream);

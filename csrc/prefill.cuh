@@ -15,13 +15,13 @@
 
 namespace moba {
 
-// Tile shapes a head dim (and variant): warps, 16-row m-tiles a warp (2: each K/V fragment read
-// from shared memory feeds twice the mma work), keys a chunk, Q fragments kept in registers.
+// Tile shapes a head dim: warps, 16-row m-tiles a warp (2: each K/V fragment read from shared
+// memory feeds twice the mma work), keys a chunk, pipeline stages, Q fragments kept in registers.
+// On the H100 (D 128, 128K, page 16) 8 warps of 16 rows with 64-key chunks measured 10% slower,
+// and 4 stages no faster than 3.
 template <int D, int V = 0> struct PrefillConfig;
 template <> struct PrefillConfig<64, 0> { static constexpr int kWarps = 4, kMT = 2, kBN = 64, kStages = 3; static constexpr bool kQRegs = true; };
 template <> struct PrefillConfig<128, 0> { static constexpr int kWarps = 4, kMT = 2, kBN = 32, kStages = 3; static constexpr bool kQRegs = false; };
-template <> struct PrefillConfig<128, 1> { static constexpr int kWarps = 8, kMT = 1, kBN = 64, kStages = 3; static constexpr bool kQRegs = true; };
-template <> struct PrefillConfig<128, 2> { static constexpr int kWarps = 4, kMT = 2, kBN = 32, kStages = 4; static constexpr bool kQRegs = false; };
 template <> struct PrefillConfig<256, 0> { static constexpr int kWarps = 4, kMT = 1, kBN = 32, kStages = 2; static constexpr bool kQRegs = false; };
 
 template <int D, int V = 0>
@@ -308,10 +308,6 @@ void launch_prefill_variant(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D>
 void launch_prefill(const AttnParams& p, cudaStream_t stream) {
   if (p.num_tiles == 0) return;
-  if constexpr (D == 128) {
-    if (p.variant == 1) return launch_prefill_variant<T, D, 1>(p, stream);
-    if (p.variant == 2) return launch_prefill_variant<T, D, 2>(p, stream);
-  }
   launch_prefill_variant<T, D, 0>(p, stream);
 }
 
