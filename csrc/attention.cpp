@@ -1,6 +1,8 @@
 // Torch launchers of the sparse paged attention kernels: checks, then `moba_cuda::prefill` and
 // `moba_cuda::decode`.
 #include <ATen/cuda/CUDAContext.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

@@ -1,5 +1,7 @@
 // Torch launcher of the block pooling kernel: checks, then `moba_cuda::pool`.
 #include <ATen/cuda/CUDAContext.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
