@@ -19,7 +19,7 @@ from moba_backend.integrations.vllm.backend import (CPU_DENSE_ENV,  # noqa: E402
                                                     MobaAttentionBackend, MobaAttentionImpl,
                                                     MobaCPUAttentionBackend, STATS_ENV,
                                                     layer_index, summary_bytes_per_page)
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, requires_gpu  # noqa: E402
 from tests.integrations.vllm_steps import Harness, Shape, Work  # noqa: E402
 
 
@@ -78,6 +78,18 @@ def test_mixed_batch_matches_core(name, shape, B, extra, tmp_path, monkeypatch):
     print(f"{name}: selected {sel} of {vis} (token, head, block) pairs")
     assert sel < vis, "the sparse config selected every block"
     assert rows[1]["decode_selected"] < rows[1]["decode_visible"]
+
+
+@requires_gpu
+@pytest.mark.parametrize("name,shape,B,extra", CASES, ids=[c[0] for c in CASES])
+def test_mixed_batch_on_cuda_matches_core(name, shape, B, extra):
+    """The impl's Triton path (the plugin on a CUDA device) against the core torch path on CPU."""
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, sparse_cfg(B, **extra), lengths, seed=hash(name) % 1000, device="cuda")
+    d = Harness(shape, dense_cfg(B), lengths, seed=1, device="cuda")
+    for i, work in enumerate((step1, step2)):
+        assert_close(h.step_plugin(work), h.step_reference(work), 1e-4, f"{name} cuda step {i + 1}")
+        assert_close(d.step_plugin(work), d.dense_reference(work), 1e-4, f"{name} cuda dense step {i + 1}")
 
 
 @pytest.mark.parametrize("name,shape,B,extra", CASES[:2], ids=[c[0] for c in CASES[:2]])

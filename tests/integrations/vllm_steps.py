@@ -26,13 +26,14 @@ LAYER = "model.layers.3.self_attn.attn"
 
 
 def stub_vllm_config(cfg: dict, num_heads: int, max_model_len: int = 1 << 16,
-                     dtype: torch.dtype = torch.float32):
+                     dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """The few fields of VllmConfig the builders (MoBA's and vLLM's CPU attention) read."""
     return SimpleNamespace(
         additional_config={"moba_attention_config": cfg},
         model_config=SimpleNamespace(max_model_len=max_model_len, dtype=dtype,
                                      get_num_attention_heads=lambda pc: num_heads),
         cache_config=SimpleNamespace(cache_dtype="auto"),
+        device_config=SimpleNamespace(device_type=device),
         parallel_config=SimpleNamespace(decode_context_parallel_size=1),
         speculative_config=None,
         compilation_config=SimpleNamespace(static_forward_context={}),
@@ -64,6 +65,7 @@ class Harness:
     lengths: list[int]                  # final length of each request
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    device: str = "cpu"                 # where the plugin side runs (the reference stays on CPU)
     num_pages: int = 0
     q: list = field(default_factory=list)
     k: list = field(default_factory=list)
@@ -85,17 +87,17 @@ class Harness:
             self.block_table[r, :n] = torch.tensor(perm[:n])
             perm = perm[n:]
         # plugin side
-        self.vllm_config = stub_vllm_config(self.cfg_json, s.H, dtype=self.dtype)
+        self.vllm_config = stub_vllm_config(self.cfg_json, s.H, dtype=self.dtype, device=self.device)
         self.cfg: MobaConfig = moba_config_from_vllm(self.vllm_config)
         self.spec = MobaAttentionBackend.customize_spec(
             FullAttentionSpec(block_size=s.P, num_kv_heads=s.HK, head_size=s.D, dtype=self.dtype))
         page = self.spec.page_size_bytes
-        self.raw = torch.zeros(self.num_pages * page, dtype=torch.int8)
+        self.raw = torch.zeros(self.num_pages * page, dtype=torch.int8, device=self.device)
         tensor = KVCacheTensor(size=self.raw.numel(), layers=[LAYER], layer_stride=self.num_pages * page,
                                block_stride=page)
         self.kv_cache = create_kv_cache_views(self.raw, self.spec, self.num_pages, KVCacheLayout.LBNHC,
                                               tensor)[0]
-        self.builder = MobaMetadataBuilder(self.spec, [LAYER], self.vllm_config, torch.device("cpu"))
+        self.builder = MobaMetadataBuilder(self.spec, [LAYER], self.vllm_config, torch.device(self.device))
         with set_current_vllm_config(self.vllm_config):
             self.impl = MobaAttentionImpl(s.H, s.D, 1.0 / math.sqrt(s.D), s.HK, None, None, "auto")
         self.layer = SimpleNamespace(layer_name=LAYER, _k_scale_float=1.0, _v_scale_float=1.0)
@@ -134,17 +136,20 @@ class Harness:
             torch.tensor(seq, dtype=torch.int32), rows, torch.tensor(prefilling)
 
     def step_plugin(self, work: list[Work], pad: int = 3) -> torch.Tensor:
+        """The step through MobaMetadataBuilder + MobaAttentionImpl on `device`; output on CPU."""
         T, q, k, v, slot, qsl, seq, bt, prefilling = self._inputs(work, pad)
+        dev = self.device
+        q, k, v, slot, seq, bt = (x.to(dev) for x in (q, k, v, slot, seq, bt))
         cm = CommonAttentionMetadata(
-            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(work),
+            query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(work),
             num_actual_tokens=T + pad, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
             max_seq_len=int(seq.max()), block_table_tensor=bt, slot_mapping=slot,
             is_prefilling=prefilling)
         md = self.builder.build(0, cm)
-        out = torch.full((T + pad, self.shape.H, self.shape.D), float("nan"), dtype=self.dtype)
+        out = torch.full((T + pad, self.shape.H, self.shape.D), float("nan"), dtype=self.dtype, device=dev)
         self.impl.do_kv_cache_update(self.layer, k, v, self.kv_cache, slot)
         self.impl.forward(self.layer, q, k, v, self.kv_cache, md, out)
-        return out[:T]
+        return out[:T].cpu()
 
     def step_reference(self, work: list[Work]) -> torch.Tensor:
         T, q, k, v, slot, qsl, seq, bt, prefilling = self._inputs(work, 0)

@@ -349,7 +349,7 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         self._moba: MobaAttention | None = None
         # vLLM's CPU attention for dense steps (its constructor reads the current engine config)
         self._cpu_impl = None
-        if cpu_dense_enabled() and vllm_config is not None:
+        if vllm_config is not None and cpu_dense_enabled(vllm_config=vllm_config):
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
             self._cpu_impl = CPUAttentionBackendImpl(
@@ -405,10 +405,15 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         return output
 
 
-def cpu_dense_enabled(device: torch.device | None = None) -> bool:
-    """Whether dense steps go to vLLM's CPU attention (CPU platform, not switched off)."""
-    return (current_platform.is_cpu() and (device is None or device.type == "cpu")
-            and os.environ.get(CPU_DENSE_ENV, "1") != "0")
+def cpu_dense_enabled(device: torch.device | None = None, vllm_config: Any = None) -> bool:
+    """Whether dense steps go to vLLM's CPU attention: the engine runs on CPU (`device`, else the
+    config's device type, else the platform) and the route is not switched off."""
+    if os.environ.get(CPU_DENSE_ENV, "1") == "0":
+        return False
+    if device is None:
+        kind = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+        device = torch.device(kind) if isinstance(kind, str) and kind else None
+    return (device is None or device.type == "cpu") and current_platform.is_cpu()
 
 
 def update_summaries(moba: MobaAttention, k_cache: torch.Tensor, summaries: torch.Tensor,
