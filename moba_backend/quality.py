@@ -7,7 +7,9 @@ offline from a haystack of English essays:
 - block recall: the share of the dense attention mass (of the run's own q/k) that falls inside
   the selected blocks, over queries past the dense fallback limit;
 - tail perplexity: loss on the last half of long texts;
-- passkey at several depths: teacher-forced log-likelihood of the true 5-digit key, and whether
+- passkey at several depths, in two formats: `essay` (the key sentence inside essay text) and
+  `repeat` (the classic prompt: the key inside "The grass is green. The sky is blue. ..." repeated,
+  the question at the end); teacher-forced log-likelihood of the true 5-digit key, and whether
   every digit is the argmax (no free generation: without a KV cache that would recompute the
   prompt once per token);
 - RULER-style tasks (multi-key needles with distractors, variable tracking, common words),
@@ -18,6 +20,8 @@ max-pooled dense attention per block: the best any gate could select).
     moba-eval --quick                 # about a minute: 512 tokens, block 32
     moba-eval                         # the default sweep (README "Choosing the defaults")
     moba-eval --length 8192 --blocks 8 16 --gates mean learned --modes token
+    moba-eval ... --local-blocks 2 --dense-from out/a/quality.json --out out/b   # reuse a dense row
+    moba-eval --merge out/a/quality.json out/b/quality.json --out out/all       # one table, one plot
 
 Writes `<out>/quality.md`, `<out>/quality.json`, `<out>/quality_vs_sparsity.png` and
 `<out>/selection_heatmap.png`.
