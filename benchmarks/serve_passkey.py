@@ -1,11 +1,20 @@
 """Passkey retrieval and speed through the OpenAI server: vLLM's CPU attention (dense) vs moba-serve.
 
-For each mode a server is started (its own process group, stopped afterwards), one streamed greedy
-completion of a passkey prompt of about `--tokens` tokens is sent, and the report gives the
-answer, time to first token (the prefill), decode tokens/s and, for MoBA, the fraction of
-(token, head, block) pairs the gate skipped (the plugin's `MOBA_STATS_FILE` hook).
+For each mode a server is started (its own process group, stopped afterwards) and, for each
+filler and depth, one streamed greedy completion of a passkey prompt of about `--tokens` tokens is
+sent. Each row gives the answer, time to first token (the prefill), decode tokens/s and, for MoBA,
+the share of (token, head, causally visible MoBA block) triples the gate skipped, prefill and
+decode apart (the plugin's `MOBA_STATS_FILE` hook).
 
-    python benchmarks/serve_passkey.py --tokens 7900 --modes dense moba moba_sparse
+The prompt is the classic passkey test (Mohtashami & Jaggi, 2023, as their landmark-attention
+code writes it): an instruction line, the haystack with the needle line "The pass key is K.
+Remember it. K is the pass key." at a relative depth, then "What is the pass key? The pass key
+is". Haystacks (`--fillers`): `repeat`, the test's own repeated filler
+sentences; `essay`, Paul Graham's essays. `--format chat` wraps the text in the model's chat
+template and starts the answer in the assistant turn.
+
+    python benchmarks/serve_passkey.py --tokens 7900 --depths 0.1 0.5 0.9 --fillers repeat essay \
+        --modes dense sparse-shared-mean sparse-token-mean sparse-shared-minmax sparse-token-minmax
 """
 
 from __future__ import annotations
@@ -22,26 +31,55 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "PaulGrahamEssays.json"
+# 8..16 of up to 62 blocks (block 128 at 7.9K tokens): dense below 1024 tokens
+SPARSE = {"moba_encoder_top_k_left": 8, "moba_encoder_top_k_right": 16,
+          "moba_decoder_top_k_left": 8, "moba_decoder_top_k_right": 16}
 MODES = {
     "dense": None,                                           # vLLM's own CPU attention
     "moba": {},                                              # SPEC defaults: block 128, window 50/60
-    "moba_sparse": {"moba_encoder_top_k_left": 8, "moba_encoder_top_k_right": 16,
-                    "moba_decoder_top_k_left": 8, "moba_decoder_top_k_right": 16},
+    **{f"sparse-{tile}-{gate}": {**SPARSE, "moba_tile_select": tile, "moba_gate": gate}
+       for tile in ("shared", "token") for gate in ("mean", "minmax")},
 }
+MODES["moba_sparse"] = MODES["sparse-shared-mean"]           # the name earlier runs used
+# The test's own wording (landmark-attention's passkey test): lines joined by newlines.
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-         "it. I will quiz you about the important information there.\n\n")
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+         "them. I will quiz you about the important information there.")
+REPEAT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key?"
+ANSWER = "The pass key is"
 
 
-def passkey_prompt(tokenizer, n_tokens: int, key: int, depth: float) -> str:
-    """About `n_tokens` tokens of essays with the needle at `depth` (0 = start, 1 = end)."""
-    text = json.loads(DATA.read_text())["text"]
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    budget = n_tokens - len(tokenizer(INTRO + needle + QUESTION)["input_ids"])
-    ids = tokenizer(text[: budget * 8])["input_ids"][:budget]
-    cut = int(len(ids) * depth)
-    hay_a, hay_b = tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
-    return INTRO + hay_a + needle + hay_b + QUESTION
+def filler_text(filler: str, n_chars: int) -> str:
+    if filler == "repeat":
+        text = " ".join([REPEAT] * (n_chars // len(REPEAT) + 1))
+    else:
+        text = json.loads(DATA.read_text())["text"]
+    return text[:n_chars]
+
+
+def passkey_prompt(tokenizer, n_tokens: int, key: int, depth: float, filler: str = "repeat",
+                   fmt: str = "completion") -> str:
+    """About `n_tokens` tokens with the needle line at `depth` of the haystack (0 = start,
+    1 = end); the haystack is cut by characters, its length found by a few tokenizer passes."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+
+    def build(n_chars: int) -> str:
+        hay = filler_text(filler, n_chars)
+        cut = int(len(hay) * depth)
+        body = "\n".join([INTRO, hay[:cut], needle, hay[cut:]])
+        if fmt == "chat":
+            head = tokenizer.apply_chat_template([{"role": "user", "content": body + "\n" + QUESTION}],
+                                                 tokenize=False, add_generation_prompt=True)
+            return head + ANSWER
+        return body + "\n" + QUESTION + " " + ANSWER
+
+    n_chars = n_tokens * 4
+    for _ in range(4):
+        have = len(tokenizer(build(n_chars), add_special_tokens=False)["input_ids"])
+        if abs(have - n_tokens) <= 8:
+            break
+        n_chars = int(n_chars * n_tokens / have)
+    return build(n_chars)
 
 
 def start_server(mode: str, model: str, port: int, max_len: int, stats: Path, log: Path,
@@ -50,8 +88,11 @@ def start_server(mode: str, model: str, port: int, max_len: int, stats: Path, lo
     env.pop("FD_ATTENTION_BACKEND", None)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    # NOTE: no prefix caching: prompts at different depths share their haystack up to the needle,
+    # which would make later prefills look faster than they are.
     common = ["--model", model, "--port", str(port), "--max-model-len", str(max_len),
-              "--dtype", "float32", "--enforce-eager", "--served-model-name", "m"]
+              "--dtype", "float32", "--enforce-eager", "--served-model-name", "m",
+              "--no-enable-prefix-caching"]
     if MODES[mode] is None:
         cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *common]
     else:
@@ -74,7 +115,7 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     import urllib.request
 
     t0 = time.time()
@@ -105,22 +146,48 @@ def run_request(port: int, prompt: str, max_tokens: int) -> dict:
             n += 1
             text += chunk.choices[0].text
     end = time.time()
-    return {"ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
+    return {"ttft_s": round(first - t0, 2),
+            "decode_tok_s": round((n - 1) / (end - first), 2) if n > 1 else 0.0,
             "text": text, "chunks": n}
 
 
-def skipped(stats: Path) -> dict:
+def skipped(lines: list[str]) -> dict:
+    """Share of (token, head, visible block) triples not attended, from the stats rows of one
+    request; `vllm_cpu_calls`: layer calls that ran dense on vLLM's CPU attention."""
     tot = {"prefill_selected": 0, "prefill_visible": 0, "decode_selected": 0, "decode_visible": 0}
-    if stats.exists():
-        for line in stats.read_text().splitlines():
-            row = json.loads(line)
-            for k in tot:
-                tot[k] += row[k]
-    out = {}
+    routed = 0
+    for line in lines:
+        row = json.loads(line)
+        routed += row.get("route") == "vllm_cpu"
+        for k in tot:
+            tot[k] += row[k]
+    out = {"vllm_cpu_calls": routed}
     for side in ("prefill", "decode"):
         vis = tot[f"{side}_visible"]
         out[f"{side}_skipped"] = round(1 - tot[f"{side}_selected"] / vis, 4) if vis else None
     return out
+
+
+def new_lines(path: Path, start: int) -> tuple[list[str], int]:
+    if not path.exists():
+        return [], start
+    data = path.read_bytes()
+    return data[start:].decode().splitlines(), len(data)
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| mode | filler | format | depth | prompt | passkey | answer | prefill tok/s | "
+            "decode tok/s | skipped prefill / decode |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        skip = "-" if r["config"] is None else (
+            f"{r['prefill_skipped']:.0%} / {r['decode_skipped']:.0%}"
+            if r.get("decode_skipped") is not None else f"{r['prefill_skipped'] or 0:.0%} / -")
+        answer = r["text"].strip().split("\n")[0][:24].replace("|", "/")
+        rows.append(f"| {r['mode']} | {r['filler']} | {r['format']} | {r['depth']:g} | "
+                    f"{r['prompt_tokens']} | {'right' if r['correct'] else 'wrong'} | `{answer}` | "
+                    f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {skip} |")
+    return head + "\n".join(rows) + "\n"
 
 
 def main() -> None:
@@ -128,13 +195,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=7900)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--depth", type=float, default=0.5)
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--fillers", nargs="+", default=["repeat"], choices=["repeat", "essay"])
+    ap.add_argument("--format", default="completion", choices=["completion", "chat"])
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=["dense", "sparse-shared-mean"], choices=list(MODES))
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--workdir", default="/tmp/moba-bench")
     ap.add_argument("--pythonpath", default=None, help="PYTHONPATH for the servers")
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -142,9 +212,14 @@ def main() -> None:
 
     model = args.model or str(embedded_model_dir())
     tok = AutoTokenizer.from_pretrained(model)
-    key = random.Random(args.seed).randint(10000, 99999)
-    prompt = passkey_prompt(tok, args.tokens, key, args.depth)
-    n_prompt = len(tok(prompt)["input_ids"])
+    rng = random.Random(args.seed)
+    cases = []
+    for filler in args.fillers:
+        for depth in args.depths:
+            key = rng.randint(10000, 99999)
+            prompt = passkey_prompt(tok, args.tokens, key, depth, filler, args.format)
+            cases.append(dict(filler=filler, depth=depth, passkey=key, prompt=prompt,
+                              prompt_tokens=len(tok(prompt, add_special_tokens=False)["input_ids"])))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     results = []
@@ -154,15 +229,24 @@ def main() -> None:
         proc = start_server(mode, model, args.port, args.max_model_len, stats, log, args.pythonpath)
         try:
             wait_ready(args.port, proc)
-            r = run_request(args.port, prompt, args.max_tokens)
+            offset = 0
+            for c in cases:
+                r = run_request(args.port, c["prompt"], args.max_tokens)
+                lines, offset = new_lines(stats, offset)
+                r.update(mode=mode, config=MODES[mode], format=args.format,
+                         **{k: v for k, v in c.items() if k != "prompt"},
+                         correct=str(c["passkey"]) in r["text"],
+                         **(skipped(lines) if MODES[mode] is not None else {}))
+                r["prefill_tok_s"] = round(c["prompt_tokens"] / r["ttft_s"], 1)
+                print(json.dumps(r), flush=True)
+                results.append(r)
         finally:
             stop(proc)
-        r.update(mode=mode, config=MODES[mode], prompt_tokens=n_prompt, passkey=key,
-                 correct=str(key) in r["text"], **(skipped(stats) if MODES[mode] is not None else {}))
-        r["prefill_tok_s"] = round(n_prompt / r["ttft_s"], 1)
-        print(json.dumps(r), flush=True)
-        results.append(r)
     (work / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
 
 
 if __name__ == "__main__":
