@@ -271,7 +271,7 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         T = int(qsl[-1] - qsl[0])
         plan = build_plan(self.cfg, qsl, cm.seq_lens[:R], cm.block_table_tensor[:R],
                           cm.slot_mapping[:T], is_decode, self.page_size, self.num_heads,
-                          self.num_kv_heads, device=self.device)
+                          self.num_kv_heads, device=self.device, head_dim=self.kv_cache_spec.head_size)
         n_dec = int(is_decode.sum())
         all_dense = T > 0 and bool(plan.group_dense.all())
         cpu_dense = None
