@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from moba_backend.ops import cuda_ext
-from moba_backend.ops.common import check, check_cache, slots_per_page, summary_slots
-from moba_backend.ops.pooling.triton_impl import GATE_IDS
+from moba_backend.ops.pooling.triton_impl import GATE_IDS, check_pool_inputs
 
 
 def update_block_summaries_fwd(k_cache: torch.Tensor, summary_cache: torch.Tensor, plan, gate: str,
@@ -15,14 +14,9 @@ def update_block_summaries_fwd(k_cache: torch.Tensor, summary_cache: torch.Tenso
 
     k_cache: [N, P, HK, D]; summary_cache: [N, SLOTS, S, HK, D]; weight: [HK, B, D] (learned).
     """
-    check_cache(k_cache)
-    N, P, HK, D = k_cache.shape
+    check_pool_inputs(k_cache, summary_cache, plan, gate, weight)
     B = plan.block_size
-    want = (N, slots_per_page(B, P), summary_slots(gate), HK, D)
-    check(tuple(summary_cache.shape) == want, f"summary_cache must be {want}, got {tuple(summary_cache.shape)}")
     if gate == "learned":
-        check(weight is not None and tuple(weight.shape) == (HK, B, D),
-              f"learned gate weight must be [{HK}, {B}, {D}]")
         weight = weight.float().contiguous()
     else:
         weight = None

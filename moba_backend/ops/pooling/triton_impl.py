@@ -65,21 +65,30 @@ def _pool_kernel(
         tl.store(p_s, b_sum.to(s_ptr.dtype.element_ty), mask=m_d)
 
 
+def check_pool_inputs(k_cache: torch.Tensor, summary_cache: torch.Tensor, plan, gate: str,
+                      weight: torch.Tensor | None) -> None:
+    """The cache, summary and learned-weight shapes every pooling implementation requires."""
+    check_cache(k_cache)
+    N, P, HK, D = k_cache.shape
+    B = plan.block_size
+    want = (N, slots_per_page(B, P), summary_slots(gate), HK, D)
+    check(tuple(summary_cache.shape) == want, f"summary_cache must be {want}, got {tuple(summary_cache.shape)}")
+    if gate == "learned":
+        check(weight is not None and tuple(weight.shape) == (HK, B, D),
+              f"learned gate weight must be [{HK}, {B}, {D}]")
+
+
 def update_block_summaries_fwd(k_cache: torch.Tensor, summary_cache: torch.Tensor, plan, gate: str,
                                weight: torch.Tensor | None = None) -> None:
     """Write the summaries of the blocks completed in this step (the plan's pooling work).
 
     k_cache: [N, P, HK, D]; summary_cache: [N, SLOTS, S, HK, D]; weight: [HK, B, D] (learned).
     """
-    check_cache(k_cache)
+    check_pool_inputs(k_cache, summary_cache, plan, gate, weight)
     N, P, HK, D = k_cache.shape
     B = plan.block_size
-    want = (N, slots_per_page(B, P), summary_slots(gate), HK, D)
-    check(tuple(summary_cache.shape) == want, f"summary_cache must be {want}, got {tuple(summary_cache.shape)}")
     check(summary_cache.stride(-1) == 1, "summary_cache: the head dim must be contiguous")
     if gate == "learned":
-        check(weight is not None and tuple(weight.shape) == (HK, B, D),
-              f"learned gate weight must be [{HK}, {B}, {D}]")
         check(weight.stride(-1) == 1, "learned gate weight: the head dim must be contiguous")
     w = weight if weight is not None else summary_cache
     n_work = plan.pool_req.numel()

@@ -132,35 +132,27 @@ def _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, slot_off,
 
 
 @triton.jit
-def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
-            MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr):
-    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] float32 against blocks o_j: [BLOCK_M, BLOCK_J].
-
-    IEEE: exact float32 products; otherwise tf32 tensor-core dots. NOTE: bf16 operands were
-    measured to flip 0.8-1.6% of selections against the float32 reference on random inputs
-    (near-ties), for about 1 ms of 10 at 128K tokens: not worth it.
-    """
-    b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot, stride_sh,
-                         MOBA_B, PAGE)
-    if MINMAX:
-        b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp, stride_sslot,
-                             stride_sh, MOBA_B, PAGE)
-        q_pos = tl.maximum(b_q, 0.0)
-        q_neg = tl.minimum(b_q, 0.0)
-        if IEEE:
-            return tl.dot(q_pos, tl.trans(b_s0), input_precision="ieee") + \
-                tl.dot(q_neg, tl.trans(b_s1), input_precision="ieee")
-        return tl.dot(q_pos, tl.trans(b_s0)) + tl.dot(q_neg, tl.trans(b_s1))
-    if IEEE:
-        return tl.dot(b_q, tl.trans(b_s0), input_precision="ieee")
-    return tl.dot(b_q, tl.trans(b_s0))
-
-
-@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
+            MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr):
+    """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] against blocks o_j: [BLOCK_M, BLOCK_J] float32.
+
+    Summaries are rounded to b_q's dtype: float32 rows give tf32 tensor-core dots (IEEE: exact
+    float32 products), 16-bit rows 16-bit dots (`group_scores_fwd(low_precision=True)`).
+    """
+    b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot, stride_sh,
+                         MOBA_B, PAGE).to(b_q.dtype)
+    if MINMAX:
+        b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp, stride_sslot,
+                             stride_sh, MOBA_B, PAGE).to(b_q.dtype)
+        return _dot(tl.maximum(b_q, 0.0), tl.trans(b_s0), IEEE) + _dot(tl.minimum(b_q, 0.0), tl.trans(b_s1), IEEE)
+    return _dot(b_q, tl.trans(b_s0), IEEE)
 
 
 @triton.jit
@@ -206,15 +198,8 @@ def _group_lse_kernel(
     for j0 in range(sink, flo, BLOCK_J):
         o_j = j0 + o_jj
         m_j = o_j < flo
-        b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot,
-                             stride_sh, MOBA_B, PAGE).to(b_q.dtype)
-        if MINMAX:
-            b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp,
-                                 stride_sslot, stride_sh, MOBA_B, PAGE).to(b_q.dtype)
-            b_s = _dot(tl.maximum(b_q, 0.0), tl.trans(b_s0), IEEE) + _dot(tl.minimum(b_q, 0.0), tl.trans(b_s1), IEEE)
-        else:
-            b_s = _dot(b_q, tl.trans(b_s0), IEEE)
-        b_s = b_s * scale_log2
+        b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                      stride_sh, MOBA_B, PAGE, MINMAX, IEEE) * scale_log2
         b_s = tl.where(m_j[None, :], b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
