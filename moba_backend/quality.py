@@ -227,7 +227,7 @@ def _cwe_case(tok, length: int, rng: random.Random) -> Case:
 
 @torch.no_grad()
 def score_case(model, case: Case) -> dict:
-    ids = torch.tensor(case.ids)[None]
+    ids = torch.tensor(case.ids, device=model.device)[None]
     keep = len(case.ids) - case.target_start + 1
     logits = model(ids, use_cache=False, logits_to_keep=keep).logits[0].float()     # [keep, V]
     pred = logits[: case.target_end - case.target_start]     # position p predicts token p + 1
@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heat-layer", type=int)
     ap.add_argument("--heat-head", type=int, default=0)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model runs (float32 either way; the MoBA path is the torch one)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = embedded_model_dir()
     else:
         model_dir = Path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device).eval()
     n_layers = model.config.num_hidden_layers
     args.heat_layer = n_layers // 2 if args.heat_layer is None else args.heat_layer
     args.model_name = model_dir.name

@@ -7,6 +7,7 @@ import torch
 from moba_backend.gate import load_gate_weights, mean_gate
 from moba_backend.trainer.distill import (QKCapture, batch_loss, candidate_mask, distill, layer_target,
                                           make_batch)
+from tests.helpers import requires_gpu
 from tests.tiny_llama import tiny_llama
 
 B = 16
@@ -69,7 +70,7 @@ def test_one_step_lowers_loss(tmp_path):
 def test_distill_writes_file_and_resumes(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 256, (2000,))
-    out = tmp_path / "moba_mlp_weight.safetensors"
+    out = tmp_path / "new" / "dir" / "moba_mlp_weight.safetensors"      # made on the way
     res = distill(model, ids, out, block_size=B, seq_len=8 * B, steps=2, inner_steps=2, lr=1e-2,
                   progress=False)
     assert len(res["history"]) == 2
@@ -98,3 +99,15 @@ def test_heldout_kl_and_sum_target(tmp_path):
     kl_mean, kl_learned = res["heldout"]
     print(f"held-out KL {kl_mean:.5f} -> {kl_learned:.5f}")
     assert kl_mean > 0 and kl_learned > 0
+
+
+@requires_gpu
+def test_distill_on_cuda_with_heldout(tmp_path):
+    """The whole loop on a CUDA device: model, targets, weights and the held-out KL of the mean
+    gate all on the GPU, the file and the checkpoint written into a directory made on the way."""
+    model = tiny_llama().cuda()
+    out = tmp_path / "gpu" / "g.safetensors"
+    res = distill(model, torch.randint(0, 256, (600,)), out, block_size=B, seq_len=8 * B, steps=2,
+                  inner_steps=2, lr=1e-2, progress=False, heldout=1)
+    assert res["heldout"][0] > 0
+    assert load_gate_weights(out, 2, 2, B, 16)[0].device.type == "cpu"

@@ -10,6 +10,7 @@ import torch
 from moba_backend.config import MobaConfig
 from moba_backend.integrations.transformers import configure, unconfigure
 from moba_backend.ops.select.naive import gate_scores
+from tests.helpers import requires_gpu
 from tests.tiny_llama import tiny_llama
 
 ALL = dict(moba_block_size=16, moba_query_tile=16, moba_encoder_top_k_left=1,
@@ -85,7 +86,8 @@ def test_generate_with_cache_runs(model_and_ref):
     assert torch.equal(out, ref)
 
 
-def test_harness_quick(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
+def test_harness_quick(tmp_path, device):
     from moba_backend.quality import main
     from moba_backend.trainer.distill import distill
 
@@ -97,7 +99,7 @@ def test_harness_quick(tmp_path):
     data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 400}))
     out = tmp_path / "q"
     assert main(["--quick", "--model", str(tmp_path / "tiny"), "--data", str(data), "--out", str(out),
-                 "--threads", "1"]) == 0
+                 "--threads", "1", "--device", device]) == 0
     res = json.loads((out / "quality.json").read_text())
     rows = res["rows"]
     assert {r["gate"] for r in rows} == {"mean", "max", "minmax", "learned", "oracle"}

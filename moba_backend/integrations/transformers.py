@@ -123,7 +123,8 @@ def configure(model, cfg: MobaConfig | dict | str | None = None, gate_weights=No
     check(scorer is None or attend == "gather", "a custom scorer needs attend='gather'")
     check(not recall or attend == "gather", "recall needs attend='gather'")
     if gate_weights is not None:
-        gate_weights = [w.float() for w in gate_weights]
+        dev = next(model.parameters()).device
+        gate_weights = [w.to(device=dev, dtype=torch.float32) for w in gate_weights]
     register()
     state = MobaState(cfg, gate_weights, impl, attend, scorer, count, recall, tuple(record_layers))
     for mod in _attention_modules(model):

@@ -230,6 +230,7 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     opt = torch.optim.Adam(weights, lr=lr)
     start, history = 0, []
     ckpt = Path(checkpoint) if checkpoint else Path(str(out) + ".ckpt")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=dev)
         with torch.no_grad():
@@ -248,7 +249,7 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
         with torch.no_grad():
             return sum(batch_loss(ws, b).item() for b in held) / len(held) if held else None
 
-    kl_mean = held_kl([w.detach() for w in mean_gate(L, HK, block_size, D)]) if held else None
+    kl_mean = held_kl([w.to(dev) for w in mean_gate(L, HK, block_size, D)]) if held else None
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="distill")
     for step in bar:
         ids = train_ids[offsets[step]: offsets[step] + seq_len][None].to(dev)
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=1,
                     help="windows cut from the end of the text, never trained on, for the KL before/after")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="the frozen model's dtype (default: bfloat16 on CUDA, float32 elsewhere)")
     ap.add_argument("--checkpoint", help="resume checkpoint (default: <out>.ckpt)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ap.add_argument("--seed", type=int, default=0)
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         text = text[: int(len(text) * TRAIN_FRACTION)]
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids = torch.tensor(tok(text).input_ids)
-    model = load_model(model_dir, args.device)
+    model = load_model(model_dir, args.device, getattr(torch, args.dtype) if args.dtype else None)
     res = distill(model, ids, out, block_size=args.block_size, seq_len=args.seq_len, steps=args.steps,
                   inner_steps=args.inner_steps, lr=args.lr, sink_blocks=args.sink_blocks,
                   local_blocks=args.local_blocks, checkpoint=args.checkpoint, resume=args.resume,
