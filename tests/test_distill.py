@@ -111,3 +111,15 @@ def test_distill_on_cuda_with_heldout(tmp_path):
                   inner_steps=2, lr=1e-2, progress=False, heldout=1)
     assert res["heldout"][0] > 0
     assert load_gate_weights(out, 2, 2, B, 16)[0].device.type == "cpu"
+
+
+def test_fitted_temperature_only_lowers_the_heldout_kl(tmp_path):
+    """With `learn_scale`, each gate's held-out KL is taken at a temperature fitted on those
+    windows: never above the KL at the fixed 1/sqrt(D) temperature (scale 1 is where the fit starts)."""
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (600,))
+    kw = dict(block_size=B, seq_len=8 * B, steps=1, inner_steps=1, lr=1e-2, progress=False, heldout=1)
+    fixed = distill(model, ids, tmp_path / "a.safetensors", learn_scale=False, **kw)["heldout"]
+    fitted = distill(model, ids, tmp_path / "b.safetensors", **kw)["heldout"]
+    print(f"mean gate held-out KL: fixed temperature {fixed[0]:.5f}, fitted {fitted[0]:.5f}")
+    assert fitted[0] <= fixed[0] + 1e-6

@@ -104,6 +104,8 @@ def candidate_mask(T: int, block_size: int, sink_blocks: int, local_blocks: int,
 
 
 TARGETS = ("max", "sum")
+SCALE_LR = 0.05            # Adam step of the loss temperatures (log scale)
+CALIBRATION_STEPS = 30     # temperature fit per gate before a held-out KL
 
 
 @torch.no_grad()
@@ -136,14 +138,22 @@ def layer_target(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_siz
     return out
 
 
-def gate_log_probs(weight: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """log softmax over candidates of `q . learned_summary / sqrt(D)`: [T, H, NB]."""
+def gate_log_probs(weight: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor,
+                   log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax over candidates of `q . learned_summary / sqrt(D)`: [T, H, NB].
+
+    `log_scale` [HK]: a per-KV-head temperature of the loss only (exp(log_scale) multiplies the
+    scores). Top-k selection does not see a positive scale, so fitting it apart keeps W's training
+    on the order of the blocks instead of on matching the target's sharpness.
+    """
     T, H, D = q.shape
     HK = k.shape[1]
     summary = apply_gate(weight, k)                                              # [NB, HK, D]
     nb = cand.shape[1]
-    s = torch.einsum("tkgd,jkd->tkgj", q.float().view(T, HK, H // HK, D), summary[:nb]).reshape(T, H, nb)
-    s = s / math.sqrt(D)
+    s = torch.einsum("tkgd,jkd->tkgj", q.float().view(T, HK, H // HK, D), summary[:nb])
+    if log_scale is not None:
+        s = s * log_scale.exp()[None, :, None, None]
+    s = s.reshape(T, H, nb) / math.sqrt(D)
     return torch.log_softmax(s.masked_fill(~cand[:, None, :], float("-inf")), dim=-1)
 
 
@@ -172,9 +182,11 @@ def make_batch(capture: QKCapture, ids: torch.Tensor, block_size: int, sink: int
     return Batch(qk, targets, cand, cand.sum(1) >= 2)
 
 
-def batch_loss(weights: list[torch.Tensor], batch: Batch) -> torch.Tensor:
-    losses = [kl_loss(gate_log_probs(w, q, k, batch.cand), tgt, batch.rows)
-              for w, (q, k), tgt in zip(weights, batch.qk, batch.targets)]
+def batch_loss(weights: list[torch.Tensor], batch: Batch,
+               log_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+    scales = log_scales if log_scales is not None else [None] * len(weights)
+    losses = [kl_loss(gate_log_probs(w, q, k, batch.cand, ls), tgt, batch.rows)
+              for w, ls, (q, k), tgt in zip(weights, scales, batch.qk, batch.targets)]
     return torch.stack(losses).mean()
 
 
@@ -203,7 +215,7 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
             seq_len: int = 2048, steps: int = 12, inner_steps: int = 5, lr: float = 1e-3,
             sink_blocks: int = 1, local_blocks: int = 1, checkpoint: str | os.PathLike | None = None,
             resume: bool = False, save_every: int = 1, seed: int = 0, progress: bool = True,
-            log_every: int = 1, target: str = "max", heldout: int = 0) -> dict:
+            log_every: int = 1, target: str = "max", heldout: int = 0, learn_scale: bool = True) -> dict:
     """Train the gate weights of `model` on windows of `token_ids` [N]; writes `out` (safetensors).
 
     Each step captures q/k for one window of `seq_len` tokens, computes the targets once, and
@@ -212,6 +224,9 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     "loss before" is measured on a window the gate has not yet seen (held out at that moment).
     `heldout` windows are cut from the end of `token_ids`, which training windows never touch;
     both KLs are measured on the same windows, so they compare directly.
+    `learn_scale`: fit a per-layer, per-KV-head temperature of the loss beside W (not saved: top-k
+    selection does not see it), so W learns the order of the blocks rather than the target's
+    sharpness; the held-out KLs are then each taken at a temperature fitted on those windows.
     `target`: `max` (max-pooled attention, the oracle's order) or `sum` (attention mass per block).
     """
     from tqdm.auto import tqdm
@@ -227,7 +242,9 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     if seq_len < (sink_blocks + local_blocks + 3) * block_size:
         raise ValueError(f"seq_len={seq_len} too short for block_size={block_size}: no query has 2 candidates")
     weights = [w.to(dev).requires_grad_(True) for w in mean_gate(L, HK, block_size, D)]
-    opt = torch.optim.Adam(weights, lr=lr)
+    scales = [torch.zeros(HK, device=dev, requires_grad=True) for _ in range(L)] if learn_scale else None
+    groups = [{"params": weights}] + ([{"params": scales, "lr": SCALE_LR}] if scales else [])
+    opt = torch.optim.Adam(groups, lr=lr)
     start, history = 0, []
     ckpt = Path(checkpoint) if checkpoint else Path(str(out) + ".ckpt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +252,8 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
         state = torch.load(ckpt, map_location=dev)
         with torch.no_grad():
             for w, s in zip(weights, state["weights"]):
+                w.copy_(s)
+            for w, s in zip(scales or [], state.get("log_scales") or []):
                 w.copy_(s)
         opt.load_state_dict(state["opt"])
         start, history = state["step"], state["history"]
@@ -246,8 +265,18 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
                        block_size, sink_blocks, local_blocks, target) for i in range(heldout)]
 
     def held_kl(ws) -> float | None:
+        if not held:
+            return None
+        ls = None
+        if learn_scale:     # each gate at the temperature that suits it best on these windows
+            ls = [torch.zeros(HK, device=dev, requires_grad=True) for _ in range(L)]
+            fit = torch.optim.Adam(ls, lr=SCALE_LR)
+            for _ in range(CALIBRATION_STEPS):
+                fit.zero_grad()
+                sum(batch_loss(ws, b, ls) for b in held).backward()
+                fit.step()
         with torch.no_grad():
-            return sum(batch_loss(ws, b).item() for b in held) / len(held) if held else None
+            return sum(batch_loss(ws, b, ls).item() for b in held) / len(held)
 
     kl_mean = held_kl([w.to(dev) for w in mean_gate(L, HK, block_size, D)]) if held else None
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="distill")
@@ -257,24 +286,26 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
         before = after = None
         for i in range(inner_steps):
             opt.zero_grad()
-            loss = batch_loss(weights, batch)
+            loss = batch_loss(weights, batch, scales)
             loss.backward()
             opt.step()
             before = loss.item() if i == 0 else before
         with torch.no_grad():
-            after = batch_loss(weights, batch).item()
+            after = batch_loss(weights, batch, scales).item()
         history.append((step, before, after))
         bar.set_postfix(kl_before=f"{before:.4f}", kl_after=f"{after:.4f}")
         if (step + 1) % log_every == 0:
             logger.info("step %d: KL %.4f (unseen window) -> %.4f", step, before, after)
         if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
             torch.save({"step": step + 1, "weights": [w.detach().cpu() for w in weights],
+                        "log_scales": [w.detach().cpu() for w in scales] if scales else None,
                         "opt": opt.state_dict(), "history": history}, ckpt)
     heldout_kl = (kl_mean, held_kl([w.detach() for w in weights])) if held else None
     if heldout_kl:
         logger.info("held-out KL (%d windows): mean gate %.4f -> learned %.4f", heldout, *heldout_kl)
     meta = {"block_size": block_size, "seq_len": seq_len, "steps": steps, "inner_steps": inner_steps,
-            "lr": lr, "sink_blocks": sink_blocks, "local_blocks": local_blocks, "target": target,
+            "lr": lr, "learn_scale": learn_scale, "sink_blocks": sink_blocks, "local_blocks": local_blocks,
+            "target": target,
             "kl_history": json.dumps(history), "heldout_kl": json.dumps(heldout_kl)}
     path = save_gate_weights(out, [w.detach() for w in weights], metadata=meta)
     return {"history": history, "heldout": heldout_kl, "path": str(path)}
@@ -297,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-block target: max-pooled attention (the oracle's order) or its sum")
     ap.add_argument("--heldout", type=int, default=1,
                     help="windows cut from the end of the text, never trained on, for the KL before/after")
+    ap.add_argument("--no-scale", action="store_true",
+                    help="train W against the loss at the fixed 1/sqrt(D) temperature (W then also "
+                         "learns the target's sharpness)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="the frozen model's dtype (default: bfloat16 on CUDA, float32 elsewhere)")
@@ -325,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     res = distill(model, ids, out, block_size=args.block_size, seq_len=args.seq_len, steps=args.steps,
                   inner_steps=args.inner_steps, lr=args.lr, sink_blocks=args.sink_blocks,
                   local_blocks=args.local_blocks, checkpoint=args.checkpoint, resume=args.resume,
-                  seed=args.seed, target=args.target, heldout=args.heldout)
+                  seed=args.seed, target=args.target, heldout=args.heldout, learn_scale=not args.no_scale)
     h = res["history"]
     print(f"wrote {res['path']}: KL on unseen windows {h[0][1]:.4f} (mean gate) -> {h[-1][1]:.4f}; "
           f"last window after training {h[-1][2]:.4f}")
