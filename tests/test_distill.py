@@ -115,7 +115,7 @@ def test_distill_on_cuda_with_heldout(tmp_path):
 
 def test_fitted_temperature_only_lowers_the_heldout_kl(tmp_path):
     """With `learn_scale`, each gate's held-out KL is taken at a temperature fitted on those
-    windows: never above the KL at the fixed 1/sqrt(D) temperature (scale 1 is where the fit starts)."""
+    windows: never above the KL at the fixed 1/sqrt(D) temperature, where the fit starts."""
     model = tiny_llama()
     ids = torch.randint(0, 256, (600,))
     kw = dict(block_size=B, seq_len=8 * B, steps=1, inner_steps=1, lr=1e-2, progress=False, heldout=1)

@@ -267,16 +267,22 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     def held_kl(ws) -> float | None:
         if not held:
             return None
-        ls = None
-        if learn_scale:     # each gate at the temperature that suits it best on these windows
-            ls = [torch.zeros(HK, device=dev, requires_grad=True) for _ in range(L)]
-            fit = torch.optim.Adam(ls, lr=SCALE_LR)
-            for _ in range(CALIBRATION_STEPS):
-                fit.zero_grad()
-                sum(batch_loss(ws, b, ls) for b in held).backward()
+        if not learn_scale:
+            with torch.no_grad():
+                return sum(batch_loss(ws, b).item() for b in held) / len(held)
+        # each gate at the temperature that suits it best on these windows (the lowest KL seen
+        # while fitting, starting from the fixed temperature)
+        ls = [torch.zeros(HK, device=dev, requires_grad=True) for _ in range(L)]
+        fit = torch.optim.Adam(ls, lr=SCALE_LR)
+        best = float("inf")
+        for i in range(CALIBRATION_STEPS + 1):
+            fit.zero_grad()
+            loss = sum(batch_loss(ws, b, ls) for b in held) / len(held)
+            best = min(best, loss.item())
+            if i < CALIBRATION_STEPS:
+                loss.backward()
                 fit.step()
-        with torch.no_grad():
-            return sum(batch_loss(ws, b, ls).item() for b in held) / len(held)
+        return best
 
     kl_mean = held_kl([w.to(dev) for w in mean_gate(L, HK, block_size, D)]) if held else None
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="distill")
