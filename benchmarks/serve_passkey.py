@@ -20,6 +20,7 @@ template and starts the answer in the assistant turn.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "PaulGrahamEssays.json"
 # 8..16 of up to 62 blocks (block 128 at 7.9K tokens): dense below 1024 tokens
 SPARSE = {"moba_encoder_top_k_left": 8, "moba_encoder_top_k_right": 16,
           "moba_decoder_top_k_left": 8, "moba_decoder_top_k_right": 16}
@@ -49,11 +49,19 @@ QUESTION = "What is the pass key?"
 ANSWER = "The pass key is"
 
 
+@functools.lru_cache(maxsize=1)
+def essays() -> str:
+    """The haystack the quality harness and the distiller read ($MOBA_HAYSTACK or the essays)."""
+    from moba_backend.trainer.distill import default_haystack, read_texts
+
+    return read_texts([default_haystack()])
+
+
 def filler_text(filler: str, n_chars: int) -> str:
     if filler == "repeat":
         text = " ".join([REPEAT] * (n_chars // len(REPEAT) + 1))
     else:
-        text = json.loads(DATA.read_text())["text"]
+        text = essays()
     return text[:n_chars]
 
 
