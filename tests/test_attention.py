@@ -111,6 +111,24 @@ def test_every_block_selected_equals_dense(case, impl):
     assert_close(out, dense_reference(b), 1e-4, f"dense {case} {impl}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode,right", [("shared", 100), ("union", 12)], ids=["shared-all-blocks", "union-sparse"])
+def test_query_tile_wider_than_kernel_tile(mode, right, impl):
+    """A 128-token query tile over 16-token blocks is run as kernel tiles of 64 tokens (256 rows
+    = 64 tokens x a group of 4): a kernel tile's list, made for the whole query tile, also holds
+    blocks after its own last query, which must stay causally masked."""
+    cfg = moba_cfg(moba_tile_select=mode, moba_query_tile=128, moba_encoder_top_k_right=right,
+                   moba_decoder_top_k_right=right)
+    layer = make_layer(cfg, 8, 2, 64, impl)
+    b = make_batch([(0, 300, False), (21, 150, False), (200, 1, True)], H=8, HK=2, D=64, P=16)
+    assert b.plan(cfg).tokens_per_tile < cfg.moba_query_tile
+    out = run_layer(layer, b, cfg, device_for(impl))
+    ref, mask = composed_reference(layer, b, cfg)
+    assert_close(out, ref, 1e-4, f"{impl} {mode} wide tile")
+    if right == 100:
+        assert_close(out, dense_reference(b), 1e-4, f"{impl} {mode} wide tile dense")
+
+
 def run_chunks(layer, cfg, batch, cuts, dev):
     """Prefill one request in chunks ending at `cuts`; returns the outputs of all its tokens."""
     P = batch.k_cache.shape[1]

@@ -171,10 +171,13 @@ def _sparse_attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Blocks wholly before the tile's first query need no causal mask. Lists are ascending and
-    # hold the tile's own blocks [c0, c1] last, so the first n_blk - (c1 - c0 + 1) entries are
-    # such blocks (were an own block missing, fewer run unmasked: still exact).
-    n_full = tl.maximum(n_blk - (max_pos // MOBA_B - pos0 // MOBA_B + 1), 0)
+    # Blocks before the block of the tile's first query need no causal mask. Lists are ascending
+    # and end with every block from that block c0 to the last entry (a tile's own blocks are
+    # forced; a `shared`/`union` list, made for the whole query tile, may also end with blocks
+    # after this kernel tile's last query), so the first n_blk - (last - c0 + 1) entries are such
+    # blocks (were a block of that run missing, fewer would run unmasked: still exact).
+    last = tl.load(p_blocks + tl.maximum(n_blk - 1, 0))
+    n_full = tl.minimum(tl.maximum(n_blk - (last - pos0 // MOBA_B + 1), 0), n_blk)
     mid = tl.minimum(tl.maximum(n_full, it_lo), it_hi)
     acc, m_i, l_i, i_ptr = _attend_blocks(
         acc, m_i, l_i, i_ptr, it_lo, mid, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
@@ -212,15 +215,22 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
     D_pow2 = next_pow2(max(D, 16))
     # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128, 128K tokens): 256 rows
     # take 64 keys a step on 16-token pages (38.9 ms) and 128 on 64-token pages (35.4 ms)
+    # float32 (exact products, no tensor cores) takes twice the registers and shared memory of
+    # the 16-bit tiles the defaults were measured on: smaller key steps
+    wide = q.element_size() == 4
     if block_n is None:
         if block_m >= 256:
             block_n = min(128 if P >= 64 and D <= 128 else 64, block_size)
         else:
             block_n = min(128 if block_m >= 64 else 64, block_size)
+        if wide:
+            block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
     if num_warps is None:
         num_warps = 8 if block_m >= 256 or (block_m >= 128 and D >= 128) else 4
     if num_stages is None:
         num_stages = 4 if block_m >= 256 and D <= 128 else 2
+        # each stage holds one K and one V tile in shared memory (228 KiB on an H100)
+        num_stages = max(2, min(num_stages, (200 << 10) // (2 * block_n * D_pow2 * q.element_size())))
     member = sel.member_blocks
     token_mask = member is not None
     if member is None:
