@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from moba_backend.gate import load_gate_weights, mean_gate
-from moba_backend.trainer.distill import (QKCapture, batch_loss, candidate_mask, distill, layer_target,
-                                          make_batch)
+from moba_backend.trainer.distill import (QKCapture, batch_loss, block_attention, block_recall,
+                                          candidate_mask, distill, forced_blocks, layer_target, make_batch,
+                                          slots, topk_loss)
 from tests.helpers import requires_gpu
 from tests.tiny_llama import tiny_llama
 
@@ -99,6 +100,60 @@ def test_heldout_kl_and_sum_target(tmp_path):
     kl_mean, kl_learned = res["heldout"]
     print(f"held-out KL {kl_mean:.5f} -> {kl_learned:.5f}")
     assert kl_mean > 0 and kl_learned > 0
+
+
+def test_sampled_rows_match_the_full_target():
+    """Targets for a subset of query rows are those rows of the full computation."""
+    torch.manual_seed(0)
+    T, H, HK, D = 6 * B + 5, 4, 2, 8
+    q, k = torch.randn(T, H, D), torch.randn(T, HK, D)
+    cand = candidate_mask(T, B, 1, 1)
+    rows = torch.tensor([3 * B, 4 * B + 7, T - 1])
+    mx, sm = block_attention(q, k, cand, B, rows, chunk=2)
+    fmx, fsm = block_attention(q, k, cand, B)
+    assert torch.allclose(mx, fmx[rows], atol=1e-6) and torch.allclose(sm, fsm[rows], atol=1e-6)
+    assert torch.allclose(layer_target(q, k, cand, B, rows=rows, reduce="sum"),
+                          layer_target(q, k, cand, B, reduce="sum")[rows], atol=1e-6)
+
+
+def test_slots_and_recall():
+    """A query in block 6 (sink 1, local 1): forced 0, 5, 6; candidates 1..4. Selecting 5 blocks
+    takes the 2 best candidates; recall is the forced mass plus theirs."""
+    cand = candidate_mask(7 * B, B, 1, 1)[[6 * B + 1]]
+    forced = forced_blocks(torch.tensor([6 * B + 1]), cand, B)
+    assert forced.tolist() == [3] and slots(forced, 5).tolist() == [2] and slots(forced, 2).tolist() == [0]
+    mass = torch.zeros(1, 1, 7)
+    mass[0, 0, 1:5] = torch.tensor([0.1, 0.3, 0.05, 0.15])      # 0.4 on the forced blocks
+    scores = torch.tensor([[[9.0, 1.0, 2.0, 4.0, 3.0, 9.0, 9.0]]])   # the gate picks 3 and 4
+    rec = block_recall(scores, mass, cand, slots(forced, 5))
+    assert torch.allclose(rec, torch.tensor([[0.4 + 0.05 + 0.15]]))
+    best = block_recall(mass.clone(), mass, cand, slots(forced, 5))
+    assert torch.allclose(best, torch.tensor([[0.4 + 0.3 + 0.15]]))
+
+
+def test_topk_loss_ignores_the_tail():
+    """The top-k loss only asks the target's selected blocks to outscore the rest: reordering the
+    unselected tail of the gate's scores leaves it unchanged, while the KL moves."""
+    cand = candidate_mask(7 * B, B, 1, 1)[[6 * B + 1]]
+    tgt = torch.zeros(1, 1, 7)
+    tgt[0, 0, 1:5] = torch.tensor([0.1, 0.5, 0.05, 0.35])
+    k = slots(forced_blocks(torch.tensor([6 * B + 1]), cand, B), 5)     # 2: blocks 2 and 4
+    lp_a = torch.log_softmax(torch.tensor([[[0.0, 1.0, 3.0, 0.5, 3.0, 0.0, 0.0]]]).masked_fill(~cand[:, None], -1e9), -1)
+    lp_b = torch.log_softmax(torch.tensor([[[0.0, 0.5, 3.0, 1.0, 3.0, 0.0, 0.0]]]).masked_fill(~cand[:, None], -1e9), -1)
+    assert torch.allclose(topk_loss(lp_a, tgt, cand, k), topk_loss(lp_b, tgt, cand, k))
+    kl = lambda lp: (tgt * (tgt.clamp_min(1e-30).log() - lp)).sum()       # noqa: E731
+    assert not torch.allclose(kl(lp_a), kl(lp_b))
+
+
+def test_topk_loss_on_sampled_rows_reports_recall(tmp_path):
+    model = tiny_llama()
+    res = distill(model, torch.randint(0, 256, (800,)), tmp_path / "g.safetensors", block_size=B,
+                  seq_len=10 * B, steps=2, inner_steps=2, lr=1e-2, progress=False, heldout=1,
+                  loss="topk", blocks=5, rows=40)
+    rec_mean, rec_learned = res["recall"]
+    print(f"held-out recall at 5 blocks {rec_mean:.4f} -> {rec_learned:.4f}")
+    assert 0 < rec_mean <= 1 and 0 < rec_learned <= 1
+    assert len(res["history"]) == 2 and res["heldout"][0] > 0
 
 
 @requires_gpu

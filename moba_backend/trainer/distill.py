@@ -104,90 +104,174 @@ def candidate_mask(T: int, block_size: int, sink_blocks: int, local_blocks: int,
 
 
 TARGETS = ("max", "sum")
+LOSSES = ("kl", "topk")
 SCALE_LR = 0.05            # Adam step of the loss temperatures (log scale)
 CALIBRATION_STEPS = 30     # temperature fit per gate before a held-out KL
 
 
 @torch.no_grad()
-def layer_target(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_size: int,
-                 chunk: int = 512, reduce: str = "max") -> torch.Tensor:
-    """Max-pooled (or, `reduce="sum"`, summed) dense attention over complete blocks, renormalized
-    over candidates.
+def block_attention(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_size: int,
+                    rows: torch.Tensor | None = None, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of the query rows `rows` pooled over complete key blocks.
 
-    q [T, H, D], k [T, HK, D], cand [T, NB]. Returns [T, H, NB] float32 (0 off candidates);
-    computed `chunk` queries at a time so long sequences fit.
+    q [T, H, D], k [T, HK, D], cand [T, NB], rows [R] positions (default: all T). Returns
+    (max-pooled, summed) [R, H, NB] float32, both 0 off candidates and not renormalized: the
+    summed one is the share of the row's whole attention that falls in each candidate block.
+    Computed `chunk` rows at a time so long sequences fit.
     """
     T, H, D = q.shape
     G = H // k.shape[1]
     nb = cand.shape[1]
+    rows = torch.arange(T, device=q.device) if rows is None else rows
     kf = k.float().repeat_interleave(G, dim=1).transpose(0, 1)                  # [H, T, D]
-    out = torch.zeros(T, H, nb, dtype=torch.float32, device=q.device)
-    first = int(cand.any(1).float().argmax()) if bool(cand.any()) else T
+    mx = torch.zeros(rows.numel(), H, nb, dtype=torch.float32, device=q.device)
+    sm = torch.zeros_like(mx)
     pos = torch.arange(T, device=q.device)
-    for a in range(first, T, chunk):
-        b = min(T, a + chunk)
-        s = (q[a:b].float().transpose(0, 1) @ kf[:, :b].transpose(1, 2)) / math.sqrt(D)  # [H, t, b]
-        s = s.masked_fill(pos[None, None, :b] > pos[a:b, None][None], float("-inf"))
+    for a in range(0, rows.numel(), chunk):
+        r = rows[a: a + chunk]
+        if not bool(cand[r].any()):
+            continue
+        b = int(r.max()) + 1                                                     # keys the chunk sees
+        s = (q[r].float().transpose(0, 1) @ kf[:, :b].transpose(1, 2)) / math.sqrt(D)  # [H, t, b]
+        s = s.masked_fill(pos[None, None, :b] > r[None, :, None], float("-inf"))
         p = torch.softmax(s, dim=-1)[..., : nb * block_size]
         p = torch.nn.functional.pad(p, (0, -p.shape[-1] % block_size))
-        p = p.reshape(H, b - a, -1, block_size)
-        pooled = (p.amax(-1) if reduce == "max" else p.sum(-1))[..., :nb]           # [H, t, NB']
-        pooled = torch.nn.functional.pad(pooled, (0, nb - pooled.shape[-1])).transpose(0, 1)
-        pooled = pooled * cand[a:b, None, :]
-        out[a:b] = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-30)
-    return out
+        p = p.reshape(H, r.numel(), -1, block_size)
+        keep = cand[r][:, None, :]
+        for out, pooled in ((mx, p.amax(-1)), (sm, p.sum(-1))):
+            pooled = torch.nn.functional.pad(pooled[..., :nb], (0, nb - min(nb, pooled.shape[-1])))
+            out[a: a + r.numel()] = pooled.transpose(0, 1) * keep
+    return mx, sm
+
+
+def _renormalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+@torch.no_grad()
+def layer_target(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, block_size: int,
+                 chunk: int = 512, reduce: str = "max", rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Max-pooled (or, `reduce="sum"`, summed) dense attention over complete blocks, renormalized
+    over candidates: [R, H, NB] float32 (0 off candidates) for the rows `rows` (default: all T)."""
+    mx, sm = block_attention(q, k, cand, block_size, rows, chunk)
+    return _renormalize(mx if reduce == "max" else sm)
 
 
 def gate_log_probs(weight: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor,
                    log_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """log softmax over candidates of `q . learned_summary / sqrt(D)`: [T, H, NB].
+    """log softmax over candidates of `q . learned_summary / sqrt(D)`: [R, H, NB] for q [R, H, D]
+    (any query rows), k [T, HK, D], cand [R, NB].
 
     `log_scale` [HK]: a per-KV-head temperature of the loss only (exp(log_scale) multiplies the
     scores). Top-k selection does not see a positive scale, so fitting it apart keeps W's training
     on the order of the blocks instead of on matching the target's sharpness.
     """
-    T, H, D = q.shape
+    R, H, D = q.shape
     HK = k.shape[1]
     summary = apply_gate(weight, k)                                              # [NB, HK, D]
     nb = cand.shape[1]
-    s = torch.einsum("tkgd,jkd->tkgj", q.float().view(T, HK, H // HK, D), summary[:nb])
+    s = torch.einsum("tkgd,jkd->tkgj", q.float().view(R, HK, H // HK, D), summary[:nb])
     if log_scale is not None:
         s = s * log_scale.exp()[None, :, None, None]
-    s = s.reshape(T, H, nb) / math.sqrt(D)
+    s = s.reshape(R, H, nb) / math.sqrt(D)
     return torch.log_softmax(s.masked_fill(~cand[:, None, :], float("-inf")), dim=-1)
 
 
-def kl_loss(logp: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """KL(target || gate) averaged over valid rows (query tokens with >= 2 candidates) x heads."""
-    t = target[rows]
-    lp = logp[rows].clamp_min(-1e4)     # -inf off candidates, where target is 0
+def kl_loss(logp: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(target || gate) averaged over query rows x heads (`rows`: a bool mask or index of the
+    rows to use, default all)."""
+    t = target if rows is None else target[rows]
+    lp = (logp if rows is None else logp[rows]).clamp_min(-1e4)     # -inf off candidates, where target is 0
     kl = (t * (torch.log(t.clamp_min(1e-30)) - lp)).sum(-1)
     return kl.mean()
 
 
+def forced_blocks(pos: torch.Tensor, cand: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[R] forced blocks of the query at each position `pos` [R]: every visible block (those up to
+    its own) that is not a candidate (sink, local, its own). cand [R, NB]: the rows' candidates."""
+    return pos // block_size + 1 - cand.sum(-1)
+
+
+def slots(forced: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[R] candidates a selection of `blocks` blocks takes after the forced ones (SPEC.md Selection)."""
+    return (blocks - forced).clamp_min(0)
+
+
+def topk_mask(scores: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[R, H, NB] bool: each row's (and head's) `k[row]` highest-scoring candidates."""
+    s = scores.detach().masked_fill(~cand[:, None, :], float("-inf"))
+    rank = s.argsort(-1, descending=True).argsort(-1)
+    return (rank < k[:, None, None]) & cand[:, None, :]
+
+
+def topk_loss(logp: torch.Tensor, target: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the gate against the target restricted to its own top `k` candidates
+    (renormalized), averaged over rows x heads.
+
+    Selection only asks that the target's top blocks outscore the rest; the full KL also spends
+    W on the order and sharpness of the tail, which top-k never sees.
+    """
+    top = topk_mask(target, cand, k)
+    t = _renormalize(target * top)
+    return -(t * logp.clamp_min(-1e4)).sum(-1).mean()
+
+
+@torch.no_grad()
+def block_recall(scores: torch.Tensor, mass: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Share of the dense attention inside the selected blocks, per row and head [R, H]: the
+    forced blocks (all the mass off candidates) plus the `k` highest-scoring candidates.
+    mass [R, H, NB]: the summed attention per candidate block (`block_attention`)."""
+    sel = topk_mask(scores, cand, k)
+    return 1 - mass.sum(-1) + (mass * sel).sum(-1)
+
+
 @dataclass
 class Batch:
-    qk: list[tuple[torch.Tensor, torch.Tensor]]
-    targets: list[torch.Tensor]
-    cand: torch.Tensor
-    rows: torch.Tensor
+    qk: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (q [R, H, D] of the rows, k [T, HK, D])
+    targets: list[torch.Tensor]                   # per layer [R, H, NB], renormalized over candidates
+    mass: list[torch.Tensor]                      # per layer [R, H, NB], summed attention (recall)
+    cand: torch.Tensor                            # [R, NB]
+    forced: torch.Tensor                          # [R] forced blocks of each row
 
 
 def make_batch(capture: QKCapture, ids: torch.Tensor, block_size: int, sink: int, local: int,
-               target: str = "max") -> Batch:
+               target: str = "max", rows: int = 0, generator: torch.Generator | None = None) -> Batch:
+    """Capture one window and its targets. `rows` > 0: only that many query rows, drawn at random
+    among those with >= 2 candidates (the target's cost is rows x T, not T^2 / 2)."""
     qk = capture(ids)
     T = ids.shape[1]
     cand = candidate_mask(T, block_size, sink, local, device=ids.device)
-    targets = [layer_target(q, k, cand, block_size, reduce=target) for q, k in qk]
-    return Batch(qk, targets, cand, cand.sum(1) >= 2)
+    valid = (cand.sum(1) >= 2).nonzero().flatten()
+    if 0 < rows < valid.numel():
+        pick = torch.randperm(valid.numel(), generator=generator)[:rows].to(valid.device)
+        valid = valid[pick].sort().values
+    qs, targets, mass = [], [], []
+    for q, k in qk:
+        mx, sm = block_attention(q, k, cand, block_size, valid)
+        qs.append((q[valid], k))
+        targets.append(_renormalize(mx if target == "max" else sm))
+        mass.append(sm)
+    return Batch(qs, targets, mass, cand[valid], forced_blocks(valid, cand[valid], block_size))
 
 
 def batch_loss(weights: list[torch.Tensor], batch: Batch,
-               log_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+               log_scales: list[torch.Tensor] | None = None, loss: str = "kl", blocks: int = 8) -> torch.Tensor:
     scales = log_scales if log_scales is not None else [None] * len(weights)
-    losses = [kl_loss(gate_log_probs(w, q, k, batch.cand, ls), tgt, batch.rows)
-              for w, ls, (q, k), tgt in zip(weights, scales, batch.qk, batch.targets)]
-    return torch.stack(losses).mean()
+    k = slots(batch.forced, blocks) if loss == "topk" else None
+    out = []
+    for w, ls, (q, kk), tgt in zip(weights, scales, batch.qk, batch.targets):
+        lp = gate_log_probs(w, q, kk, batch.cand, ls)
+        out.append(kl_loss(lp, tgt) if loss == "kl" else topk_loss(lp, tgt, batch.cand, k))
+    return torch.stack(out).mean()
+
+
+@torch.no_grad()
+def batch_recall(weights: list[torch.Tensor], batch: Batch, blocks: int = 8) -> float:
+    """Mean block recall over layers, rows and heads of `blocks` blocks selected by the gate."""
+    k = slots(batch.forced, blocks)
+    rec = [block_recall(gate_log_probs(w, q, kk, batch.cand), m, batch.cand, k).mean()
+           for w, (q, kk), m in zip(weights, batch.qk, batch.mass)]
+    return torch.stack(rec).mean().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,12 +299,14 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
             seq_len: int = 2048, steps: int = 12, inner_steps: int = 5, lr: float = 1e-3,
             sink_blocks: int = 1, local_blocks: int = 1, checkpoint: str | os.PathLike | None = None,
             resume: bool = False, save_every: int = 1, seed: int = 0, progress: bool = True,
-            log_every: int = 1, target: str = "max", heldout: int = 0, learn_scale: bool = True) -> dict:
+            log_every: int = 1, target: str = "max", heldout: int = 0, learn_scale: bool = True,
+            loss: str = "kl", blocks: int = 8, rows: int = 0) -> dict:
     """Train the gate weights of `model` on windows of `token_ids` [N]; writes `out` (safetensors).
 
     Each step captures q/k for one window of `seq_len` tokens, computes the targets once, and
     takes `inner_steps` Adam steps on all layers' W. Returns {"history": [(step, loss before,
-    loss after)], "heldout": (KL of the mean gate, KL of the result) or None, "path": out}.
+    loss after)], "heldout": (KL of the mean gate, KL of the result) or None, "recall": (block
+    recall of the mean gate, of the result) on the held-out windows or None, "path": out}.
     "loss before" is measured on a window the gate has not yet seen (held out at that moment).
     `heldout` windows are cut from the end of `token_ids`, which training windows never touch;
     both KLs are measured on the same windows, so they compare directly.
@@ -228,6 +314,11 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     selection does not see it), so W learns the order of the blocks rather than the target's
     sharpness; the held-out KLs are then each taken at a temperature fitted on those windows.
     `target`: `max` (max-pooled attention, the oracle's order) or `sum` (attention mass per block).
+    `loss`: `kl` (the whole distribution) or `topk` (cross-entropy against the target's own top
+    `blocks` selection, forced blocks counted, so only the selection boundary trains); the held-out
+    KL is the `kl` one either way. Block recall: share of the dense attention inside the `blocks`
+    blocks the gate selects (forced included), as the quality harness measures it.
+    `rows` > 0: that many random query rows per window (targets cost rows x seq_len).
     """
     from tqdm.auto import tqdm
 
@@ -235,6 +326,8 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     L, HK, D = model_dims(model)
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {TARGETS}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
     if token_ids.numel() < (1 + heldout) * seq_len:
         raise ValueError(f"need at least (1 + heldout) x seq_len={(1 + heldout) * seq_len} tokens of text, "
                          f"got {token_ids.numel()}")
@@ -261,8 +354,9 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     rng = random.Random(seed)
     offsets = [rng.randrange(0, train_ids.numel() - seq_len + 1) for _ in range(steps)]
     capture = QKCapture(model)
+    gen = torch.Generator().manual_seed(seed)
     held = [make_batch(capture, token_ids[token_ids.numel() - (i + 1) * seq_len:][:seq_len][None].to(dev),
-                       block_size, sink_blocks, local_blocks, target) for i in range(heldout)]
+                       block_size, sink_blocks, local_blocks, target, rows, gen) for i in range(heldout)]
 
     def held_kl(ws) -> float | None:
         if not held:
@@ -284,37 +378,44 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
                 fit.step()
         return best
 
-    kl_mean = held_kl([w.to(dev) for w in mean_gate(L, HK, block_size, D)]) if held else None
+    def held_recall(ws) -> float | None:
+        return sum(batch_recall(ws, b, blocks) for b in held) / len(held) if held else None
+
+    mean_ws = [w.to(dev) for w in mean_gate(L, HK, block_size, D)]
+    kl_mean, recall_mean = held_kl(mean_ws), held_recall(mean_ws)
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="distill")
     for step in bar:
         ids = train_ids[offsets[step]: offsets[step] + seq_len][None].to(dev)
-        batch = make_batch(capture, ids, block_size, sink_blocks, local_blocks, target)
+        batch = make_batch(capture, ids, block_size, sink_blocks, local_blocks, target, rows, gen)
         before = after = None
         for i in range(inner_steps):
             opt.zero_grad()
-            loss = batch_loss(weights, batch, scales)
-            loss.backward()
+            value = batch_loss(weights, batch, scales, loss, blocks)
+            value.backward()
             opt.step()
-            before = loss.item() if i == 0 else before
+            before = value.item() if i == 0 else before
         with torch.no_grad():
-            after = batch_loss(weights, batch, scales).item()
+            after = batch_loss(weights, batch, scales, loss, blocks).item()
         history.append((step, before, after))
-        bar.set_postfix(kl_before=f"{before:.4f}", kl_after=f"{after:.4f}")
+        bar.set_postfix(before=f"{before:.4f}", after=f"{after:.4f}")
         if (step + 1) % log_every == 0:
-            logger.info("step %d: KL %.4f (unseen window) -> %.4f", step, before, after)
+            logger.info("step %d: %s loss %.4f (unseen window) -> %.4f", step, loss, before, after)
         if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
             torch.save({"step": step + 1, "weights": [w.detach().cpu() for w in weights],
                         "log_scales": [w.detach().cpu() for w in scales] if scales else None,
                         "opt": opt.state_dict(), "history": history}, ckpt)
     heldout_kl = (kl_mean, held_kl([w.detach() for w in weights])) if held else None
+    recall = (recall_mean, held_recall([w.detach() for w in weights])) if held else None
     if heldout_kl:
         logger.info("held-out KL (%d windows): mean gate %.4f -> learned %.4f", heldout, *heldout_kl)
+        logger.info("held-out block recall at %d blocks: mean gate %.4f -> learned %.4f", blocks, *recall)
     meta = {"block_size": block_size, "seq_len": seq_len, "steps": steps, "inner_steps": inner_steps,
             "lr": lr, "learn_scale": learn_scale, "sink_blocks": sink_blocks, "local_blocks": local_blocks,
-            "target": target,
-            "kl_history": json.dumps(history), "heldout_kl": json.dumps(heldout_kl)}
+            "target": target, "loss": loss, "blocks": blocks, "rows": rows,
+            "kl_history": json.dumps(history), "heldout_kl": json.dumps(heldout_kl),
+            "heldout_recall": json.dumps(recall)}
     path = save_gate_weights(out, [w.detach() for w in weights], metadata=meta)
-    return {"history": history, "heldout": heldout_kl, "path": str(path)}
+    return {"history": history, "heldout": heldout_kl, "recall": recall, "path": str(path)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-block target: max-pooled attention (the oracle's order) or its sum")
     ap.add_argument("--heldout", type=int, default=1,
                     help="windows cut from the end of the text, never trained on, for the KL before/after")
+    ap.add_argument("--loss", choices=LOSSES, default="kl",
+                    help="kl: the whole candidate distribution; topk: only the target's top selection")
+    ap.add_argument("--blocks", type=int, default=8,
+                    help="blocks selected per query (forced included): the topk loss and the held-out recall")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="random query rows per window for the targets and the loss (0: all)")
     ap.add_argument("--no-scale", action="store_true",
                     help="train W against the loss at the fixed 1/sqrt(D) temperature (W then also "
                          "learns the target's sharpness)")
@@ -365,13 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     res = distill(model, ids, out, block_size=args.block_size, seq_len=args.seq_len, steps=args.steps,
                   inner_steps=args.inner_steps, lr=args.lr, sink_blocks=args.sink_blocks,
                   local_blocks=args.local_blocks, checkpoint=args.checkpoint, resume=args.resume,
-                  seed=args.seed, target=args.target, heldout=args.heldout, learn_scale=not args.no_scale)
+                  seed=args.seed, target=args.target, heldout=args.heldout, learn_scale=not args.no_scale,
+                  loss=args.loss, blocks=args.blocks, rows=args.rows)
     h = res["history"]
-    print(f"wrote {res['path']}: KL on unseen windows {h[0][1]:.4f} (mean gate) -> {h[-1][1]:.4f}; "
-          f"last window after training {h[-1][2]:.4f}")
+    print(f"wrote {res['path']}: {args.loss} loss on unseen windows {h[0][1]:.4f} (mean gate) -> "
+          f"{h[-1][1]:.4f}; last window after training {h[-1][2]:.4f}")
     if res["heldout"]:
         print(f"held-out KL ({args.heldout} x {args.seq_len} tokens): mean gate {res['heldout'][0]:.4f} "
               f"-> learned {res['heldout'][1]:.4f}")
+        print(f"held-out block recall at {args.blocks} blocks: mean gate {res['recall'][0]:.4f} "
+              f"-> learned {res['recall'][1]:.4f}")
     return 0
 
 
