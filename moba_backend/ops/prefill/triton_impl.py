@@ -213,24 +213,23 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
     G = H // HK
     P = k_cache.shape[1]
     D_pow2 = next_pow2(max(D, 16))
-    # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128, 128K tokens): 256 rows
-    # take 64 keys a step on 16-token pages (38.9 ms) and 128 on 64-token pages (35.4 ms)
-    # float32 (exact products, no tensor cores) takes twice the registers and shared memory of
-    # the 16-bit tiles the defaults were measured on: smaller key steps
-    wide = q.element_size() == 4
+    # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128, 128K tokens, `shared`
+    # lists of 60 blocks): 256 rows take 128 keys a step, 38.5 ms on 16-token pages (3 stages;
+    # 64 keys, 4 stages: 42.2 ms) and 35.5 ms on 64-token pages (4 stages)
     if block_n is None:
         if block_m >= 256:
-            block_n = min(128 if P >= 64 and D <= 128 else 64, block_size)
+            block_n = min(128 if D <= 128 else 64, block_size)
         else:
             block_n = min(128 if block_m >= 64 else 64, block_size)
-        if wide:
-            block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
     if num_warps is None:
         num_warps = 8 if block_m >= 256 or (block_m >= 128 and D >= 128) else 4
     if num_stages is None:
-        num_stages = 4 if block_m >= 256 and D <= 128 else 2
-        # each stage holds one K and one V tile in shared memory (228 KiB on an H100)
-        num_stages = max(2, min(num_stages, (200 << 10) // (2 * block_n * D_pow2 * q.element_size())))
+        num_stages = (4 if P >= 64 else 3) if block_m >= 256 and D <= 128 else 2
+    if q.element_size() == 4:
+        # float32 (exact products, no tensor cores) stages its operands through shared memory
+        # at twice the 16-bit size: 128 keys x 4 stages no longer fit in an H100's 228 KiB
+        block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
+        num_stages = min(num_stages, 2)
     member = sel.member_blocks
     token_mask = member is not None
     if member is None:

@@ -65,7 +65,7 @@ def torch_scores(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, t
         return out
     for r in torch.unique(req).tolist():
         ti = (req == r).nonzero().flatten()
-        qr = q[t_lo + ti].float()                                    # [t, H, D]
+        qr = q[t_lo + ti]                                            # [t, H, D]
         for hk in range(HK):
             qm = qr[:, hk * G:(hk + 1) * G].reshape(-1, qr.shape[-1])
             s = gate_scores(qm, summaries[r, :, :, hk], gate)        # [t*G, NB]

@@ -36,7 +36,14 @@ class SelectParams:
 
 
 def gate_scores(q: torch.Tensor, summary: torch.Tensor, gate: str) -> torch.Tensor:
-    """SPEC.md "Block score". q: [M, D]; summary: [NB, S, D] -> [M, NB] float32."""
+    """SPEC.md "Block score". q: [M, D]; summary: [NB, S, D] -> [M, NB] float32.
+
+    A 16-bit query is scored against its summaries rounded to its own dtype, products and sums in
+    float32: what a 16-bit tensor-core product computes, so the GPU kernels score at the 16-bit
+    rate and still agree with this reference up to the order of the sums.
+    """
+    if q.dtype in (torch.float16, torch.bfloat16):
+        summary = summary.to(q.dtype)
     q = q.float()
     summary = summary.float()
     if gate == "minmax":

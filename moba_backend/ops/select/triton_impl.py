@@ -64,7 +64,7 @@ def _gate_score_kernel(
         tl.store(p_o, tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32), mask=m_o)
     else:
         b_q = tl.load(q_ptr + i_tok.to(tl.int64)[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                      mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+                      mask=m_row[:, None] & m_d[None, :], other=0.0)
         r_lo = tl.min(tl.where(m_row, r_tok, 1 << 30), axis=0)
         r_hi = tl.max(r_tok, axis=0)
         for r in range(r_lo, r_hi + 1):
@@ -82,7 +82,8 @@ def _gate_score_kernel(
 def gate_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, t_lo: int, t_hi: int,
                     nbv: int, gate: str) -> torch.Tensor:
     """Raw scores of tokens [t_lo, t_hi): [t_hi - t_lo, H, nbv] float32 (0 past complete blocks
-    and past each token's own block). float32 queries: exact float32 products; else tf32.
+    and past each token's own block). float32 queries: exact float32 products; 16-bit queries:
+    16-bit products against summaries rounded to their dtype (`naive.gate_scores`).
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
     """
@@ -143,15 +144,17 @@ def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslo
             MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr):
     """Raw gate scores of rows b_q [BLOCK_M, BLOCK_D] against blocks o_j: [BLOCK_M, BLOCK_J] float32.
 
-    Summaries are rounded to b_q's dtype: float32 rows give tf32 tensor-core dots (IEEE: exact
-    float32 products), 16-bit rows 16-bit dots (`group_scores_fwd(low_precision=True)`).
+    Summaries are rounded to b_q's dtype, as the reference does (`naive.gate_scores`): float32
+    rows give exact float32 products (IEEE), 16-bit rows 16-bit tensor-core products.
     """
     b_s0 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, 0, stride_sp, stride_sslot, stride_sh,
                          MOBA_B, PAGE).to(b_q.dtype)
     if MINMAX:
         b_s1 = _load_summary(s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_ss, stride_sp, stride_sslot,
                              stride_sh, MOBA_B, PAGE).to(b_q.dtype)
-        return _dot(tl.maximum(b_q, 0.0), tl.trans(b_s0), IEEE) + _dot(tl.minimum(b_q, 0.0), tl.trans(b_s1), IEEE)
+        q_pos = tl.maximum(b_q, 0.0).to(b_q.dtype)  # (a 16-bit max with 0.0 comes back float32)
+        q_neg = tl.minimum(b_q, 0.0).to(b_q.dtype)
+        return _dot(q_pos, tl.trans(b_s0), IEEE) + _dot(q_neg, tl.trans(b_s1), IEEE)
     return _dot(b_q, tl.trans(b_s0), IEEE)
 
 
@@ -168,7 +171,7 @@ def _group_lse_kernel(
     scale_log2, sink,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
-    MINMAX: tl.constexpr, IEEE: tl.constexpr, LOWP: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr,
 ):
     """`shared` mode, pass 1: each member's softmax normaliser over its group's candidates.
     One program = BLOCK_M members (token x head rows) of one (group, KV head)."""
@@ -191,8 +194,6 @@ def _group_lse_kernel(
     i_h = i_hk * G + o_m % G
     b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
                   mask=m_row[:, None] & m_d[None, :], other=0.0)
-    if not LOWP:
-        b_q = b_q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(sink, flo, BLOCK_J):
@@ -223,7 +224,7 @@ def _group_max_kernel(
     scale_log2, sink, NBV,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
-    MINMAX: tl.constexpr, IEEE: tl.constexpr, LOWP: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr,
 ):
     """`shared` mode, pass 2: for BLOCK_J blocks of one (group, KV head), the group score
     max_m p[m, j] = 2^(max_m (z[m, j] - lse[m])) (exp2 is monotone: one exp2 per block). The
@@ -245,7 +246,7 @@ def _group_max_kernel(
         bt_row = bt_ptr + i_req * stride_bt
         o_d = tl.arange(0, BLOCK_D)
         m_d = o_d < D
-        dt = q_ptr.dtype.element_ty if LOWP else tl.float32
+        dt = q_ptr.dtype.element_ty
         b_s0 = _load_summary(s_ptr, bt_row, o_j, cand, i_hk, o_d, m_d, 0, stride_sp, stride_sslot,
                              stride_sh, MOBA_B, PAGE).to(dt)
         if MINMAX:
@@ -260,7 +261,9 @@ def _group_max_kernel(
                           mask=m_row[:, None] & m_d[None, :], other=0.0).to(dt)
             lse = tl.load(lse_ptr + i_q * stride_lt + i_h, mask=m_row, other=float("inf"))
             if MINMAX:
-                b_t = _dot(b_s0, tl.trans(tl.maximum(b_q, 0.0)), IEEE) + _dot(b_s1, tl.trans(tl.minimum(b_q, 0.0)), IEEE)
+                q_pos = tl.maximum(b_q, 0.0).to(dt)
+                q_neg = tl.minimum(b_q, 0.0).to(dt)
+                b_t = _dot(b_s0, tl.trans(q_pos), IEEE) + _dot(b_s1, tl.trans(q_neg), IEEE)
             else:
                 b_t = _dot(b_s0, tl.trans(b_q), IEEE)
             b_t = b_t * scale_log2 - lse[None, :]                      # [BLOCK_J, BLOCK_M]
@@ -271,12 +274,12 @@ def _group_max_kernel(
 
 def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, gate: str,
                      sink: int, scale: float, block_m: int = 64, block_j: int = 128,
-                     num_warps: int = 4, num_stages: int = 2, low_precision: bool = False) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """`shared` group scores of every group: [NG, HK, NBV] float32, forced +inf, past c1 -inf.
 
     Two launches: the members' softmax normalisers, then the per-block max over members.
-    `low_precision`: products in the query's 16-bit dtype (summaries rounded to it) instead of
-    tf32; float32 queries always use exact float32 products.
+    Products in the query's dtype (16-bit: summaries rounded to it, as `naive.gate_scores`
+    does; float32: exact).
     Launch defaults measured with benchmarks/tune_attention.py on an H100 (128K tokens, D 128).
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
@@ -293,7 +296,7 @@ def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPla
                summary_cache.stride(2), summary_cache.stride(3), plan.block_table.stride(0), lse.stride(0))
     consts = dict(G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=block_m, BLOCK_J=block_j,
                   MOBA_B=plan.block_size, PAGE=plan.page_size, MINMAX=gate == "minmax",
-                  IEEE=q.dtype == torch.float32, LOWP=low_precision and q.dtype != torch.float32,
+                  IEEE=q.dtype == torch.float32,
                   num_warps=num_warps, num_stages=num_stages)
     scale_log2 = float(scale) * LOG2E
     rows = plan.max_group_len * G
@@ -375,7 +378,7 @@ def _decode_select_kernel(
     m_d = o_d < D
     o_jj = tl.arange(0, BLOCK_J)
     b_q = tl.load(q_ptr + i_q * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                  mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+                  mask=m_g[:, None] & m_d[None, :], other=0.0)
     p_scr = scr_ptr + i_t * stride_scr_t + i_hk * stride_scr_h
 
     # pass 1: candidate scores into the scratch rows
