@@ -220,15 +220,6 @@ def test_validation_names_the_reason():
     assert MobaAttentionBackend.get_name() == "CUSTOM"
 
 
-def test_preferred_page_size():
-    """On GPUs 64-token pages unless the user set `--block-size` (vLLM asks only then); the CPU
-    backend keeps the CPU platform's page size."""
-    assert MobaAttentionBackend.get_preferred_block_size(16) == 64
-    assert MobaAttentionBackend.get_preferred_block_size(128) == 128
-    assert MobaCPUAttentionBackend.get_preferred_block_size(16) == 16
-    assert MobaCPUAttentionBackend.get_preferred_block_size(128) == 128
-
-
 @pytest.mark.parametrize("kw,reason", [
     (dict(head_size=48), "head_size 48"),
     (dict(sliding_window=256), "sliding window"),

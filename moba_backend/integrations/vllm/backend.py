@@ -158,16 +158,6 @@ class MobaAttentionBackend(AttentionBackend):
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         return [MultipleOf(16)]
 
-    # Pages of this many tokens unless `--block-size` says otherwise: a 128-key step of the
-    # sparse prefill kernel then gathers 2 pages instead of 8 (H100, 128K tokens, 60 blocks per
-    # tile: 35.5 ms on 64-token pages against 38.5 ms on 16-token pages).
-    PREFERRED_PAGE_SIZE: ClassVar[int] = 64
-
-    @classmethod
-    def get_preferred_block_size(cls, default_block_size: int) -> int:
-        """vLLM asks only when the user gave no `--block-size`."""
-        return max(default_block_size, cls.PREFERRED_PAGE_SIZE)
-
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return [32, 64, 80, 96, 128, 192, 256]  # what the Triton kernels compile for
@@ -211,11 +201,6 @@ class MobaCPUAttentionBackend(MobaAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "CPU_ATTN"
-
-    @classmethod
-    def get_preferred_block_size(cls, default_block_size: int) -> int:
-        """The CPU platform's own page size (its dense attention has layouts for it)."""
-        return AttentionBackend.get_preferred_block_size.__func__(cls, default_block_size)
 
 
 @dataclass
