@@ -628,13 +628,17 @@ def summary_cache(attn: MobaAttention, paged: Paged) -> torch.Tensor:
 
 
 def first_forward(row, attn: MobaAttention, make_plan, q, paged, summ, out, dev):
-    """Build the step's plan (timed into row.plan_ms: once per step, not per layer), then run one
-    forward, which also compiles the kernels. Returns (plan, the forward's Selection)."""
-    sync(dev)
-    t0 = time.perf_counter()
-    plan = make_plan()
-    sync(dev)
-    row.plan_ms = (time.perf_counter() - t0) * 1e3
+    """Build the step's plan (row.plan_ms: the median of 5 builds, host arrays to device tensors;
+    once per step, not per layer), then run one forward, which also compiles the kernels.
+    Returns (plan, the forward's Selection)."""
+    times = []
+    for _ in range(5):
+        sync(dev)
+        t0 = time.perf_counter()
+        plan = make_plan()
+        sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    row.plan_ms = statistics.median(times)
     sel_out: list = []
     attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ, plan, out=out, selection_out=sel_out)
     return plan, sel_out[0]

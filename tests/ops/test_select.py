@@ -123,6 +123,25 @@ def test_triton_scorer_16bit_queries_match_reference(gate, mode, dtype):
     assert rows_differ <= 0.005
 
 
+@requires_triton
+@pytest.mark.parametrize("gate,P", [("mean", 16), ("minmax", 64)])
+def test_group_scores_from_compact_summaries_are_identical(gate, P):
+    """`shared` group scores read from the 16-bit compact copy equal those read through the
+    paged float32 cache (the kernels round summaries to the query dtype either way)."""
+    from moba_backend.ops.select.triton_impl import group_scores_fwd
+
+    dev = kernel_device()
+    cfg = moba_cfg(moba_gate=gate, moba_tile_select="shared")
+    b = make_batch(BATCHES["mixed_decode_chunked_prefill"] + [(0, 5, False)], H=8, HK=2, D=64, P=P,
+                   dtype=torch.float16)
+    plan = b.plan(cfg, device=dev)
+    sc = fixed_summaries(b, cfg, dev)
+    paged = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, compact=False)
+    compact = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, compact=True)
+    assert torch.isfinite(paged).any()
+    assert torch.equal(paged, compact)
+
+
 DECODES = [(17, 1, True), (300, 1, True), (96, 1, True), (1000, 1, True), (160, 1, True)]
 
 
