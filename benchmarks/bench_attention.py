@@ -65,14 +65,14 @@ except ModuleNotFoundError:  # run as a file from a checkout that is not pip-ins
 
 from moba_backend.attention import MobaAttention  # noqa: E402
 from moba_backend.config import MobaConfig  # noqa: E402
-from moba_backend.ops.common import SENTINEL  # noqa: E402
+from moba_backend.ops.common import SENTINEL, check  # noqa: E402
 from moba_backend.ops.decode.triton_impl import sparse_decode_fwd  # noqa: E402
 from moba_backend.ops.pooling import naive as pooling_naive  # noqa: E402
 from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd  # noqa: E402
 from moba_backend.ops.prefill import naive as attn_naive  # noqa: E402
 from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd  # noqa: E402
 from moba_backend.ops.select.fast import Selection, select, selection_mask  # noqa: E402
-from moba_backend.plan import MobaPlan, build_plan  # noqa: E402
+from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan  # noqa: E402
 
 OOM = torch.cuda.OutOfMemoryError
 K = 1024
@@ -554,6 +554,8 @@ class Row:
     dense_rate: float | None = None
     plan_ms: float | None = None
     peak_gb: float | None = None
+    graph_ms: float | None = None        # decode: MoBA's step replayed from a CUDA graph
+    dense_graph_ms: float | None = None  # decode: dense SDPA replayed from a CUDA graph
     note: str = ""
 
     @property
@@ -571,7 +573,7 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 COLUMNS = ["kind", "L", "b", "P", "mode", "ms", "pool", "select", "attn", "gate%", "dense ms",
            "dense backend", "speedup", "ideal", "ideal(union)", "sel%", "union%", "rate",
-           "dense rate", "plan ms", "peak GB", "note"]
+           "dense rate", "graph ms", "dense graph ms", "plan ms", "peak GB", "note"]
 
 
 def row_cells(r: Row) -> list[str]:
@@ -584,7 +586,7 @@ def row_cells(r: Row) -> list[str]:
             _fmt(None if r.union_frac is None else 100 * r.union_frac, ".1f"),
             "-" if r.rate is None else f"{r.rate:.4g} {unit}",
             "-" if r.dense_rate is None else f"{r.dense_rate:.4g} {unit}",
-            _fmt(r.plan_ms, ".1f"), _fmt(r.peak_gb, ".1f"), r.note]
+            _fmt(r.graph_ms, ".3f"), _fmt(r.dense_graph_ms, ".3f"), _fmt(r.plan_ms, ".1f"), _fmt(r.peak_gb, ".1f"), r.note]
 
 
 def free(dev: torch.device) -> None:
@@ -829,6 +831,8 @@ def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
         dense["backend"] = name
         dense["ms"] = c.timer(fn, warm=False)
         print(f"    dense sdpa[{name}] {dense['ms']:.3f} ms  {dense_bytes / dense['ms'] / 1e6:.1f} GB/s")
+        if dev.type == "cuda" and args.graphs:
+            dense["graph_ms"] = guarded("dense graph", lambda: c.timer(graph_of(fn), warm=False))
 
     if not args.no_dense:
         guarded("dense", run_dense, dev=dev)
@@ -847,7 +851,7 @@ def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
 
     for impl, mode, label in impl_runs(args):
         row = Row("decode", L, b, P, label, dense_ms=d_ms, backend=dense.get("backend", "OOM/err"),
-                  dense_rate=d_rate)
+                  dense_rate=d_rate, dense_graph_ms=dense.get("graph_ms"))
         c.rows.append(row)
         reset_peak(dev)
         cfg = moba_config(s, mode, args.gate)
@@ -868,12 +872,37 @@ def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
             row.attn_ms = c.timer(lambda: layer_attend(attn, q, paged, plan, sel, out), warm=False)
             print(f"    moba[{label}] {row.ms:.3f} ms (select {row.sel_ms:.3f}, attn {row.attn_ms:.3f})  "
                   f"{row.rate:.1f} GB/s  ideal x{row.ideal:.2f} ({100 * row.union_frac:.1f}% of the KV)")
+            if dev.type == "cuda" and args.graphs:
+                # the step as vLLM replays it: planned into static buffers, captured once
+                bufs = DecodePlanBuffers(cfg, b, L, P, s.H, s.HK, dev, head_dim=s.D)
+                gplan = bufs.plan(torch.tensor(paged.seq_lens, dtype=torch.int32, device=dev),
+                                  paged.block_table, torch.full((b,), -1, dtype=torch.int64, device=dev))
+                gout = torch.empty_like(out)
+                step = lambda: attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ,  # noqa: E731
+                                            gplan, out=gout)
+                row.graph_ms = c.timer(graph_of(step), warm=False)
+                err = rel_err(gout, out)
+                check(err < 1e-3, f"graph replay differs from the eager step: rel err {err:.2e}")
+                print(f"    moba[{label}] CUDA graph {row.graph_ms:.3f} ms (rel err vs eager {err:.1e})")
 
         guarded(f"moba[{label}]", run_moba, row, dev)
         row.peak_gb = peak_gb(dev)
         free(dev)
     del paged, q, out, pooled
     free(dev)
+
+
+def graph_of(fn):
+    """`fn` captured in a CUDA graph (after a warm-up call on a side stream): its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _pick_decode(variants, dev):
@@ -1030,6 +1059,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--flex-bitmap-gb", type=float, default=2.0,
                     help="token-mode Flex peer only where its [H, L, L/block] bool bitmap fits this")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="skip the decode rows' CUDA-graph replays (MoBA and dense)")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness check")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],

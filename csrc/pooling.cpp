@@ -21,7 +21,7 @@ void pool_dispatch_summary(const PoolParams& p, at::ScalarType st, cudaStream_t 
   }
 }
 
-// Writes the summary of each (work_req[i], work_blk[i]) block. gate: 0 mean, 1 max, 2 minmax,
+// Writes the summary of each (work_req[i], work_blk[i]) block (none where work_blk[i] < 0). gate: 0 mean, 1 max, 2 minmax,
 // 3 learned (weight [HK, B, D] float32).
 void pool(const at::Tensor& k_cache,        // [N, P, HK, D]
           const at::Tensor& summary_cache,  // [N, SLOTS, S, HK, D]

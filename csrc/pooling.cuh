@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p) 
   const int c = (threadIdx.x % lanes) * VEC, g = threadIdx.x / lanes;
   const int64_t i_req = p.work_req[i_w];
   const int j = p.work_blk[i_w];
+  if (j < 0) return;  // no work (a static plan's entry for a request that completes no block)
   const int* bt = p.block_table + i_req * p.stride_bt;
   const T* k = static_cast<const T*>(p.k) + i_hk * p.stride_kh + c;
 

@@ -18,12 +18,13 @@ import os
 import torch
 
 from moba_backend.config import IMPL_ENV, MobaConfig
+from moba_backend.ops.cache import naive as cache_naive
 from moba_backend.ops.common import check, check_cache, slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.prefill import naive as attn_naive
 from moba_backend.ops.select.fast import Selection, select, selection_mask
 from moba_backend.ops.select.naive import SelectParams
-from moba_backend.plan import MobaPlan, build_plan
+from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
 
 IMPLS = ("auto", "torch", "triton", "cuda")
 # Ops `auto` runs on the CUDA kernels when the extension is loaded (the others stay on Triton):
@@ -41,19 +42,18 @@ def resolve_impl(impl: str, cfg: MobaConfig) -> str:
         check(impl in IMPLS, f"{IMPL_ENV}={impl!r}: expected one of {IMPLS}")
     return impl
 
-__all__ = ["MobaAttention", "MobaPlan", "build_plan", "write_kv"]
+__all__ = ["DecodePlanBuffers", "MobaAttention", "MobaPlan", "build_plan", "write_kv"]
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter the step's K/V [T, HK, D] into the paged caches; slots < 0 are padding."""
-    n = slot_mapping.numel()
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    P = k_cache.shape[1]
-    s = slots[keep]
-    k_cache[s // P, s % P] = key[:n][keep].to(k_cache.dtype)
-    v_cache[s // P, s % P] = value[:n][keep].to(v_cache.dtype)
+    """Scatter the step's K/V [T, HK, D] into the paged caches; slots < 0 are padding. On a GPU
+    one Triton launch with no host synchronisation (CUDA-graph safe); elsewhere torch ops."""
+    if k_cache.is_cuda:
+        from moba_backend.ops.cache.triton_impl import write_kv_fwd
+        write_kv_fwd(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        cache_naive.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 class MobaAttention:
@@ -142,6 +142,9 @@ class MobaAttention:
         want = self.summary_shape(k_cache.shape[0], k_cache.shape[1])
         check(tuple(summary_cache.shape) == want,
               f"summary_cache must be {want}, got {tuple(summary_cache.shape)}")
+        check(plan.static or not (q.is_cuda and torch.cuda.is_current_stream_capturing()),
+              "a CUDA graph can only capture steps planned by DecodePlanBuffers (static shapes); "
+              "this plan came from build_plan")
         q = q[:T]
         if k is not None:
             write_kv(k, v, k_cache, v_cache, plan.slot_mapping)

@@ -13,7 +13,13 @@ Tokens are in request order (all tokens of request 0, then request 1, ...), as e
 - **kernel tiles**: what one attention program handles, `tokens_per_tile` tokens aligned to
   multiples of it (which divides T, so a kernel tile never straddles a group in `union` and
   `shared`). Prefill tiles and decode tiles (one token each) are kept apart.
-- **pooling work**: the (request, block) pairs whose last token this step writes.
+- **pooling work**: the (request, block) pairs whose last token this step writes; a block
+  index < 0 is no work (`DecodePlanBuffers` keeps one entry per request).
+
+`build_plan` reads the step's shape on the host and makes fresh tensors: any step, eager only.
+`DecodePlanBuffers` plans decode-only steps with device ops into persistent tensors whose shapes
+depend only on the batch size, so a decode step can be captured once in a CUDA graph and
+replayed.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class MobaPlan:
     num_visible_blocks: int      # NBV = max(c1) + 1
     max_select: int              # max over groups of n
     max_group_len: int = 1       # max over groups of the tokens in it
+    # shapes fixed by the batch size (DecodePlanBuffers): layers must not size anything from
+    # the data (no host reads), so the step can run under CUDA graph capture and replay
+    static: bool = False
 
     @property
     def num_groups(self) -> int:
@@ -238,3 +247,96 @@ def build_plan(
         max_select=int(n_all.max()) if n_all.numel() else 0,
         max_group_len=max((int(x.max()) for x in g_len if x.numel()), default=1),
     )
+
+
+class DecodePlanBuffers:
+    """Plans of decode-only steps in persistent tensors, for CUDA graphs.
+
+    For a step of R decode requests (one query token each, request r's token in row r), `plan`
+    writes every per-step tensor with device ops (no host synchronisation) into buffers made once
+    for `max_reqs` requests, and returns a MobaPlan whose tensors are views of those buffers and
+    whose sizes depend only on R: `num_visible_blocks` covers `max_seq_len`, and `max_select`
+    the widest selection any length can ask for. A graph captured for R requests then replays on
+    the plan of any later step of R requests. Padding requests (sequence length 0, slot < 0, as
+    engines pad a graph's batch) attend position 0 through their block table's first page;
+    their rows are garbage and their K/V and summaries are not written.
+    """
+
+    def __init__(self, cfg: MobaConfig, max_reqs: int, max_seq_len: int, page_size: int,
+                 num_heads: int, num_kv_heads: int, device: torch.device | str,
+                 head_dim: int | None = None):
+        check(max_reqs >= 1, f"max_reqs={max_reqs} must be >= 1")
+        check(max_seq_len >= 1, f"max_seq_len={max_seq_len} must be >= 1")
+        check(num_heads % num_kv_heads == 0,
+              f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        cfg.check_seq_len(max_seq_len)
+        self.cfg, self.max_reqs, self.max_seq_len, self.page_size = cfg, max_reqs, max_seq_len, page_size
+        self.tokens_per_tile, self.block_m = tokens_per_tile_for(
+            num_heads, num_kv_heads, cfg.moba_tile_select, cfg.moba_query_tile, head_dim)
+        B = cfg.moba_block_size
+        self.num_visible_blocks = (max_seq_len + B - 1) // B
+        # dense below the limit selects c1 + 1 <= ceil((limit - 1) / B) blocks, else `right`
+        dense_width = (cfg.decoder_seq_limit + B - 2) // B
+        self.max_select = max(1, min(self.num_visible_blocks,
+                                     max(cfg.moba_decoder_top_k_right, dense_width)))
+        dev = torch.device(device)
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.arange = torch.arange(max_reqs, **i32)
+        self.arange64 = self.arange.long()
+        self.ones = torch.ones(max_reqs, **i32)
+        self.true = torch.ones(max_reqs, dtype=torch.bool, device=dev)
+        self.empty = torch.zeros(0, **i32)
+        self.seq_lens = torch.ones(max_reqs, **i32)
+        self.pos = torch.zeros(max_reqs, **i32)
+        self.slot_mapping = torch.full((max_reqs,), -1, dtype=torch.int64, device=dev)
+        self.c1 = torch.zeros(max_reqs, **i32)
+        self.flo = torch.zeros(max_reqs, **i32)
+        self.n = torch.ones(max_reqs, **i32)
+        self.dense = torch.ones(max_reqs, dtype=torch.bool, device=dev)
+        self.pool_blk = torch.full((max_reqs,), -1, **i32)
+        self.block_table: torch.Tensor | None = None
+
+    def plan(self, seq_lens: torch.Tensor, block_table: torch.Tensor,
+             slot_mapping: torch.Tensor) -> MobaPlan:
+        """The plan of a decode-only step: seq_lens [R] (tokens after this step; 0 pads),
+        block_table [R, pages], slot_mapping [R] (the new token's slot; < 0 pads)."""
+        R = seq_lens.shape[0]
+        cfg, B = self.cfg, self.cfg.moba_block_size
+        check(1 <= R <= self.max_reqs, f"{R} decode requests: expected 1..{self.max_reqs}")
+        check(block_table.dim() == 2 and block_table.shape[0] == R,
+              f"block_table must be [{R}, pages], got {tuple(block_table.shape)}")
+        check(slot_mapping.shape == (R,), f"slot_mapping must be [{R}], got {tuple(slot_mapping.shape)}")
+        L = seq_lens.to(self.seq_lens.device).long()
+        eff = L.clamp(min=1)
+        hi = eff - 1
+        c1 = hi // B
+        dense = (hi + 1 < cfg.decoder_seq_limit) | (c1 + 1 <= cfg.moba_decoder_top_k_right)
+        self.seq_lens[:R].copy_(eff)
+        self.pos[:R].copy_(hi)
+        self.slot_mapping[:R].copy_(slot_mapping)
+        self.c1[:R].copy_(c1)
+        self.flo[:R].copy_(torch.where(dense, 0, (c1 - cfg.moba_local_blocks).clamp(min=0)))
+        self.n[:R].copy_(torch.where(dense, c1 + 1, cfg.moba_decoder_top_k_right))
+        self.dense[:R].copy_(dense)
+        self.pool_blk[:R].copy_(torch.where((L > 0) & (L % B == 0), L // B - 1, -1))
+        if (self.block_table is None or self.block_table.shape[1] != block_table.shape[1]
+                or self.block_table.device != block_table.device):
+            self.block_table = torch.zeros(self.max_reqs, block_table.shape[1], dtype=torch.int32,
+                                           device=self.seq_lens.device)
+        self.block_table[:R].copy_(block_table)
+        ar, ar64 = self.arange[:R], self.arange64[:R]
+        empty = TileSet(req=self.empty, q0=self.empty, length=self.empty, pos0=self.empty,
+                        index=self.empty.long())
+        return MobaPlan(
+            num_tokens=R, num_reqs=R, block_size=B, page_size=self.page_size,
+            tokens_per_tile=self.tokens_per_tile, block_m=self.block_m,
+            seq_lens=self.seq_lens[:R], block_table=self.block_table[:R],
+            token_req=ar, token_pos=self.pos[:R], token_decode=self.true[:R], token_group=ar64,
+            token_tile=ar64, slot_mapping=self.slot_mapping[:R],
+            group_c1=self.c1[:R], group_flo=self.flo[:R], group_n=self.n[:R],
+            group_dense=self.dense[:R], group_req=ar, group_q0=ar, group_len=self.ones[:R],
+            prefill=empty,
+            decode=TileSet(req=ar, q0=ar, length=self.ones[:R], pos0=self.pos[:R], index=ar64),
+            tile_group=ar64, pool_req=ar, pool_blk=self.pool_blk[:R],
+            num_visible_blocks=self.num_visible_blocks, max_select=self.max_select,
+            max_group_len=1, static=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moba_backend.gate import load_gate_weights, mean_gate
-from moba_backend.trainer.distill import (QKCapture, batch_loss, block_attention, block_recall,
-                                          candidate_mask, distill, forced_blocks, layer_target, make_batch,
-                                          slots, topk_loss)
+from moba_backend.trainer.distill import (GateParams, QKCapture, batch_loss, block_attention,
+                                          block_recall, candidate_mask, distill, forced_blocks,
+                                          layer_target, make_batch, slots)
 from tests.helpers import requires_gpu
 from tests.tiny_llama import tiny_llama
 
@@ -131,29 +132,24 @@ def test_slots_and_recall():
     assert torch.allclose(best, torch.tensor([[0.4 + 0.3 + 0.15]]))
 
 
-def test_topk_loss_ignores_the_tail():
-    """The top-k loss only asks the target's selected blocks to outscore the rest: reordering the
-    unselected tail of the gate's scores leaves it unchanged, while the KL moves."""
-    cand = candidate_mask(7 * B, B, 1, 1)[[6 * B + 1]]
-    tgt = torch.zeros(1, 1, 7)
-    tgt[0, 0, 1:5] = torch.tensor([0.1, 0.5, 0.05, 0.35])
-    k = slots(forced_blocks(torch.tensor([6 * B + 1]), cand, B), 5)     # 2: blocks 2 and 4
-    lp_a = torch.log_softmax(torch.tensor([[[0.0, 1.0, 3.0, 0.5, 3.0, 0.0, 0.0]]]).masked_fill(~cand[:, None], -1e9), -1)
-    lp_b = torch.log_softmax(torch.tensor([[[0.0, 0.5, 3.0, 1.0, 3.0, 0.0, 0.0]]]).masked_fill(~cand[:, None], -1e9), -1)
-    assert torch.allclose(topk_loss(lp_a, tgt, cand, k), topk_loss(lp_b, tgt, cand, k))
-    kl = lambda lp: (tgt * (tgt.clamp_min(1e-30).log() - lp)).sum()       # noqa: E731
-    assert not torch.allclose(kl(lp_a), kl(lp_b))
-
-
-def test_topk_loss_on_sampled_rows_reports_recall(tmp_path):
+def test_factored_gate_starts_at_mean_and_trains(tmp_path):
+    """The factored W starts at the mean gate; distilled on sampled rows it moves off it, is
+    written as a full [HK, B, D] W, reports the held-out recall, and resumes only as itself."""
+    p = GateParams("factored", 2, 2, B, 16)
+    assert torch.equal(p.weights()[1], mean_gate(2, 2, B, 16)[1])
     model = tiny_llama()
-    res = distill(model, torch.randint(0, 256, (800,)), tmp_path / "g.safetensors", block_size=B,
-                  seq_len=10 * B, steps=2, inner_steps=2, lr=1e-2, progress=False, heldout=1,
-                  loss="topk", blocks=5, rows=40)
+    ids = torch.randint(0, 256, (800,))
+    out = tmp_path / "g.safetensors"
+    res = distill(model, ids, out, block_size=B, seq_len=10 * B, steps=2, inner_steps=2, lr=1e-2,
+                  progress=False, heldout=1, param="factored", blocks=5, rows=40)
     rec_mean, rec_learned = res["recall"]
     print(f"held-out recall at 5 blocks {rec_mean:.4f} -> {rec_learned:.4f}")
     assert 0 < rec_mean <= 1 and 0 < rec_learned <= 1
-    assert len(res["history"]) == 2 and res["heldout"][0] > 0
+    w = load_gate_weights(out, 2, 2, B, 16)[0]
+    assert not torch.allclose(w, torch.full_like(w, 1 / B))
+    with pytest.raises(ValueError, match="param='factored'"):
+        distill(model, ids, out, block_size=B, seq_len=10 * B, steps=3, inner_steps=1, progress=False,
+                resume=True, param="full")
 
 
 @requires_gpu

@@ -92,6 +92,42 @@ def test_mixed_batch_on_cuda_matches_core(name, shape, B, extra):
         assert_close(d.step_plugin(work), d.dense_reference(work), 1e-4, f"{name} cuda dense step {i + 1}")
 
 
+@requires_gpu
+@pytest.mark.parametrize("name,shape,B,extra", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_decode_steps_on_cuda_are_planned_for_cuda_graphs(name, shape, B, extra):
+    """Decode-only steps padded as vLLM pads a CUDA graph's batch (the padding requests after the
+    real ones, one token row each) take the static plan, into the same buffers every step, and
+    match the core torch path."""
+    lengths = [int(9.5 * B), 3 * B - 2, 5, 14 * B + 3]
+    steps = 4
+    h = Harness(shape, sparse_cfg(B, **extra), [L + steps for L in lengths], seed=hash(name) % 1000,
+                device="cuda")
+    prefill = [Work(r, 0, L, L) for r, L in enumerate(lengths)]
+    assert_close(h.step_plugin(prefill), h.step_reference(prefill), 1e-4, f"{name} prefill")
+    assert not h.last_metadata.plan.static
+    ptrs = None
+    for i in range(steps):
+        work = [Work(r, L + i, L + i + 1, L) for r, L in enumerate(lengths)]
+        out = h.step_plugin(work, pad=2, pad_reqs=2)
+        plan = h.last_metadata.plan
+        assert plan.static and plan.num_tokens == len(lengths) + 2
+        now = (plan.seq_lens.data_ptr(), plan.group_c1.data_ptr(), plan.block_table.data_ptr(),
+               plan.slot_mapping.data_ptr(), plan.pool_blk.data_ptr())
+        assert ptrs is None or now == ptrs, "the static plan moved to new buffers"
+        ptrs = now
+        assert_close(out, h.step_reference(work), 1e-4, f"{name} decode step {i}")
+
+
+def test_cudagraph_support_is_declared_for_gpus_only():
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from moba_backend.integrations.vllm.backend import MobaMetadataBuilder
+    from tests.integrations.vllm_steps import stub_vllm_config
+
+    get = MobaMetadataBuilder.get_cudagraph_support
+    assert get(stub_vllm_config({}, 4, device="cpu"), None) == AttentionCGSupport.NEVER
+    assert get(stub_vllm_config({}, 4, device="cuda"), None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+
 @pytest.mark.parametrize("name,shape,B,extra", CASES[:2], ids=[c[0] for c in CASES[:2]])
 def test_every_block_selected_is_dense_attention(name, shape, B, extra):
     lengths, step1, step2 = two_steps(B)

@@ -34,6 +34,7 @@ def stub_vllm_config(cfg: dict, num_heads: int, max_model_len: int = 1 << 16,
                                      get_num_attention_heads=lambda pc: num_heads),
         cache_config=SimpleNamespace(cache_dtype="auto"),
         device_config=SimpleNamespace(device_type=device),
+        scheduler_config=SimpleNamespace(max_num_seqs=32),
         parallel_config=SimpleNamespace(decode_context_parallel_size=1),
         speculative_config=None,
         compilation_config=SimpleNamespace(static_forward_context={}),
@@ -135,17 +136,25 @@ class Harness:
         return T, q, k, v, slot, torch.tensor(qsl, dtype=torch.int32), \
             torch.tensor(seq, dtype=torch.int32), rows, torch.tensor(prefilling)
 
-    def step_plugin(self, work: list[Work], pad: int = 3) -> torch.Tensor:
-        """The step through MobaMetadataBuilder + MobaAttentionImpl on `device`; output on CPU."""
+    def step_plugin(self, work: list[Work], pad: int = 3, pad_reqs: int = 0) -> torch.Tensor:
+        """The step through MobaMetadataBuilder + MobaAttentionImpl on `device`; output on CPU.
+        `pad_reqs`: padding requests after the real ones, as vLLM pads a CUDA graph's batch (no
+        query token, sequence length 0, a null block table row; `pad` tokens of padding rows)."""
         T, q, k, v, slot, qsl, seq, bt, prefilling = self._inputs(work, pad)
+        if pad_reqs:
+            qsl = torch.cat([qsl, qsl[-1:].expand(pad_reqs)])
+            seq = torch.cat([seq, torch.zeros(pad_reqs, dtype=torch.int32)])
+            bt = torch.cat([bt, torch.zeros(pad_reqs, bt.shape[1], dtype=torch.int32)])
+            prefilling = torch.cat([prefilling, torch.zeros(pad_reqs, dtype=torch.bool)])
         dev = self.device
         q, k, v, slot, seq, bt = (x.to(dev) for x in (q, k, v, slot, seq, bt))
         cm = CommonAttentionMetadata(
-            query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(work),
+            query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(work) + pad_reqs,
             num_actual_tokens=T + pad, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
             max_seq_len=int(seq.max()), block_table_tensor=bt, slot_mapping=slot,
             is_prefilling=prefilling)
         md = self.builder.build(0, cm)
+        self.last_metadata = md
         out = torch.full((T + pad, self.shape.H, self.shape.D), float("nan"), dtype=self.dtype, device=dev)
         self.impl.do_kv_cache_update(self.layer, k, v, self.kv_cache, slot)
         self.impl.forward(self.layer, q, k, v, self.kv_cache, md, out)

@@ -1,7 +1,10 @@
 """MoBA as a vLLM attention backend: Backend / MetadataBuilder / Impl in one file.
 
 - `MobaMetadataBuilder.build` turns vLLM's `CommonAttentionMetadata` (mixed decodes, chunked
-  prefills and prefills) into one `MobaPlan` per step, shared by every layer.
+  prefills and prefills) into one `MobaPlan` per step, shared by every layer. On a GPU a
+  decode-only step is planned into persistent buffers (`DecodePlanBuffers`) with shapes fixed by
+  the batch size, so vLLM captures and replays it in a full CUDA graph
+  (`UNIFORM_SINGLE_TOKEN_DECODE`); other steps run eagerly between the model's piecewise graphs.
 - `MobaAttentionImpl.do_kv_cache_update` scatters the step's K/V into the paged cache;
   `forward` runs `MobaAttention.forward` (block summaries, selection, sparse attention).
 - On CPU, a step MoBA runs dense (a layer in `moba_dense_layers`, or every request of the step
@@ -51,7 +54,7 @@ from moba_backend.config import MobaConfig, MobaConfigError, parse_moba_config
 from moba_backend.ops.common import slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.select.fast import selection_mask
-from moba_backend.plan import MobaPlan, build_plan
+from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
 
 # Keys of `vllm_config.additional_config` that carry the MoBA config (dict or JSON string).
 CONFIG_KEYS = ("moba_attention_config", "plas_attention_config")
@@ -232,8 +235,17 @@ class MobaMetadata:
 class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
     """Plans a step once for all MoBA layers of a KV cache group."""
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     reorder_batch_threshold: int | None = 1
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: Any) -> AttentionCGSupport:
+        """Full CUDA graphs for decode-only steps on a GPU (their plans are static,
+        `DecodePlanBuffers`); nothing on CPU, where vLLM captures no graphs."""
+        kind = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+        if kind == "cuda" or (kind is None and current_platform.is_cuda_alike()):
+            return cls._cudagraph_support
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
@@ -252,6 +264,12 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
                 f"{model_config.max_model_len}: start the engine with --max-model-len {cap}")
         self._cpu_builder = None
         self._staging: torch.Tensor | None = None
+        self._decode_buffers: DecodePlanBuffers | None = None
+        if torch.device(device).type == "cuda":
+            self._decode_buffers = DecodePlanBuffers(
+                self.cfg, vllm_config.scheduler_config.max_num_seqs, model_config.max_model_len,
+                self.page_size, self.num_heads, self.num_kv_heads, device,
+                head_dim=kv_cache_spec.head_size)
         if cpu_dense_enabled(device):
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
 
@@ -269,10 +287,16 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         if cm.is_prefilling is not None:
             is_decode &= ~cm.is_prefilling[:R].cpu()
         T = int(qsl[-1] - qsl[0])
+        n_dec = int(is_decode.sum())
+        if self._static_decode_step(cm, q_lens, is_decode, n_dec):
+            # pads (graph batches) have no query token and sequence length 0
+            plan = self._decode_buffers.plan(cm.seq_lens[:R], cm.block_table_tensor[:R],
+                                             cm.slot_mapping[:R])
+            return MobaMetadata(plan=plan, num_actual_tokens=R, num_decodes=n_dec,
+                                num_prefills=0, max_query_len=1)
         plan = build_plan(self.cfg, qsl, cm.seq_lens[:R], cm.block_table_tensor[:R],
                           cm.slot_mapping[:T], is_decode, self.page_size, self.num_heads,
                           self.num_kv_heads, device=self.device, head_dim=self.kv_cache_spec.head_size)
-        n_dec = int(is_decode.sum())
         all_dense = T > 0 and bool(plan.group_dense.all())
         cpu_dense = None
         if self._cpu_builder is not None and T > 0 and (all_dense or self.cfg.moba_dense_layers):
@@ -281,6 +305,17 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         return MobaMetadata(plan=plan, num_actual_tokens=T, num_decodes=n_dec,
                             num_prefills=R - n_dec, max_query_len=cm.max_query_len,
                             all_dense=all_dense, cpu_dense=cpu_dense)
+
+    def _static_decode_step(self, cm: CommonAttentionMetadata, q_lens: torch.Tensor,
+                            is_decode: torch.Tensor, n_dec: int) -> bool:
+        """A step `DecodePlanBuffers` plans: on a GPU, every request a one-token decode, padding
+        requests (no query token) only after them, one row of q per request."""
+        R = cm.num_reqs
+        if self._decode_buffers is None or R == 0 or R > self._decode_buffers.max_reqs:
+            return False
+        if cm.num_actual_tokens != R or n_dec == 0 or not bool(is_decode[:n_dec].all()):
+            return False
+        return bool((q_lens[n_dec:] == 0).all())
 
     def _stage_for_cpu_attention(self, common_prefix_len: int, cm: CommonAttentionMetadata,
                                  T: int, cap: int) -> CpuDenseStep | None:
@@ -492,7 +527,10 @@ class _SelectionStats:
         return self.path is not None
 
     def record(self, moba: MobaAttention, plan: MobaPlan, sel, route: str = "moba") -> None:
-        """`sel`: the layer's Selection, or None when every block was attended (dense)."""
+        """`sel`: the layer's Selection, or None when every block was attended (dense). Nothing
+        is recorded while a CUDA graph is being captured (the counts read the device)."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
         own = (plan.token_pos.long() // plan.block_size)                        # [T]
         visible = (own + 1) * moba.num_heads                                    # [T]
         if sel is None:

@@ -32,6 +32,8 @@ def _pool_kernel(
     i_hk = tl.program_id(1)
     i_req = tl.load(work_req_ptr + i_w).to(tl.int64)
     j = tl.load(work_blk_ptr + i_w)
+    if j < 0:  # no work (a static plan's entry for a request that completes no block)
+        return
     p_bt = bt_ptr + i_req * stride_bt
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
