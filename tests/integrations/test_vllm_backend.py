@@ -118,6 +118,27 @@ def test_decode_steps_on_cuda_are_planned_for_cuda_graphs(name, shape, B, extra)
         assert_close(out, h.step_reference(work), 1e-4, f"{name} decode step {i}")
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["host-seq-lens", "device-seq-lens-only"])
+def test_builder_plans_from_host_seq_lens_when_exact(host):
+    """Without speculative decoding vLLM's host copy of seq_lens is exact: the builder plans from
+    it (no read-back from the device, which here cannot even be read); without it, it reads the
+    device tensor."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    lengths, step1, _ = two_steps(16)
+    h = Harness(Shape(8, 2, 64, 16), sparse_cfg(16), lengths, seed=4, host_seq_lens=host)
+    ref = h.step_reference(step1)
+    if host:
+        T, q, k, v, slot, qsl, seq, bt, prefilling = h._inputs(step1, 0)
+        cm = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.empty(len(step1), device="meta"),
+            num_reqs=len(step1), num_actual_tokens=T, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+            max_seq_len=int(seq.max()), block_table_tensor=bt, slot_mapping=slot,
+            is_prefilling=prefilling, seq_lens_cpu_upper_bound=seq)
+        assert torch.equal(h.builder.build(0, cm).plan.seq_lens, seq)
+    assert_close(h.step_plugin(step1), ref, 1e-5, "host seq lens" if host else "device seq lens")
+
+
 def test_cudagraph_support_is_declared_for_gpus_only():
     from vllm.v1.attention.backend import AttentionCGSupport
     from moba_backend.integrations.vllm.backend import MobaMetadataBuilder

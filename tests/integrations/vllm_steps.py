@@ -68,6 +68,7 @@ class Harness:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"                 # where the plugin side runs (the reference stays on CPU)
     num_pages: int = 0
+    host_seq_lens: bool = True          # pass vLLM's host copy of seq_lens (else only the device one)
     q: list = field(default_factory=list)
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
@@ -147,12 +148,13 @@ class Harness:
             bt = torch.cat([bt, torch.zeros(pad_reqs, bt.shape[1], dtype=torch.int32)])
             prefilling = torch.cat([prefilling, torch.zeros(pad_reqs, dtype=torch.bool)])
         dev = self.device
+        seq_host = seq.clone() if self.host_seq_lens else None
         q, k, v, slot, seq, bt = (x.to(dev) for x in (q, k, v, slot, seq, bt))
         cm = CommonAttentionMetadata(
             query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(work) + pad_reqs,
             num_actual_tokens=T + pad, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
             max_seq_len=int(seq.max()), block_table_tensor=bt, slot_mapping=slot,
-            is_prefilling=prefilling)
+            is_prefilling=prefilling, seq_lens_cpu_upper_bound=seq_host)
         md = self.builder.build(0, cm)
         self.last_metadata = md
         out = torch.full((T + pad, self.shape.H, self.shape.D), float("nan"), dtype=self.dtype, device=dev)

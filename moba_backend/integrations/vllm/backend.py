@@ -265,6 +265,8 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         self._cpu_builder = None
         self._staging: torch.Tensor | None = None
         self._decode_buffers: DecodePlanBuffers | None = None
+        # vLLM's host copy of seq_lens is exact without speculative decoding (CommonAttentionMetadata)
+        self._exact_host_seq_lens = getattr(vllm_config, "speculative_config", None) is None
         if torch.device(device).type == "cuda":
             self._decode_buffers = DecodePlanBuffers(
                 self.cfg, vllm_config.scheduler_config.max_num_seqs, model_config.max_model_len,
@@ -294,7 +296,7 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
                                              cm.slot_mapping[:R])
             return MobaMetadata(plan=plan, num_actual_tokens=R, num_decodes=n_dec,
                                 num_prefills=0, max_query_len=1)
-        plan = build_plan(self.cfg, qsl, cm.seq_lens[:R], cm.block_table_tensor[:R],
+        plan = build_plan(self.cfg, qsl, self._host_seq_lens(cm), cm.block_table_tensor[:R],
                           cm.slot_mapping[:T], is_decode, self.page_size, self.num_heads,
                           self.num_kv_heads, device=self.device, head_dim=self.kv_cache_spec.head_size)
         all_dense = T > 0 and bool(plan.group_dense.all())
@@ -305,6 +307,15 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         return MobaMetadata(plan=plan, num_actual_tokens=T, num_decodes=n_dec,
                             num_prefills=R - n_dec, max_query_len=cm.max_query_len,
                             all_dense=all_dense, cpu_dense=cpu_dense)
+
+    def _host_seq_lens(self, cm: CommonAttentionMetadata) -> torch.Tensor:
+        """The step's sequence lengths on the host: vLLM's CPU copy, exact unless speculative
+        decoding makes it an upper bound; else read back from the device (a sync)."""
+        R = cm.num_reqs
+        host = cm.seq_lens_cpu_upper_bound
+        if host is not None and self._exact_host_seq_lens:
+            return host[:R]
+        return cm.seq_lens[:R].cpu()
 
     def _static_decode_step(self, cm: CommonAttentionMetadata, q_lens: torch.Tensor,
                             is_decode: torch.Tensor, n_dec: int) -> bool:
