@@ -10,17 +10,23 @@ import torch
 
 pytest.importorskip("vllm")
 
+from vllm.platforms import current_platform  # noqa: E402
 from vllm.v1.attention.backend import AttentionType  # noqa: E402
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 
 from moba_backend.config import MobaConfigError  # noqa: E402
-from moba_backend.integrations.vllm import CPU_BACKEND_PATH, register  # noqa: E402
+from moba_backend.integrations.vllm import BACKEND_PATH, CPU_BACKEND_PATH, register  # noqa: E402
 from moba_backend.integrations.vllm.backend import (CPU_DENSE_ENV,  # noqa: E402
                                                     MobaAttentionBackend, MobaAttentionImpl,
                                                     MobaCPUAttentionBackend, STATS_ENV,
                                                     layer_index, summary_bytes_per_page)
 from tests.helpers import assert_close, requires_gpu  # noqa: E402
 from tests.integrations.vllm_steps import Harness, Shape, Work  # noqa: E402
+
+
+# vLLM's CPU attention (the dense route on CPU) exists on the CPU platform only
+requires_cpu_platform = pytest.mark.skipif(not current_platform.is_cpu(),
+                                           reason="vLLM's CPU attention route: CPU platform only")
 
 
 def sparse_cfg(B: int, **kw) -> dict:
@@ -166,6 +172,7 @@ def routes(stats) -> list[str]:
 DENSE_CASES = [CASES[0], CASES[3]]
 
 
+@requires_cpu_platform
 @pytest.mark.parametrize("name,shape,B,extra", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
 def test_dense_steps_run_vllm_cpu_attention(name, shape, B, extra, tmp_path, monkeypatch):
     stats = tmp_path / "stats.jsonl"
@@ -196,6 +203,7 @@ def test_staging_through_vllm_writer(monkeypatch):
     assert_close(h.step_plugin(step1), h.dense_reference(step1), 1e-5, "staged by vLLM's writer")
 
 
+@requires_cpu_platform
 def test_dense_layer_runs_vllm_cpu_attention_in_sparse_steps(tmp_path, monkeypatch):
     stats = tmp_path / "stats.jsonl"
     monkeypatch.setenv(STATS_ENV, str(stats))
@@ -209,6 +217,7 @@ def test_dense_layer_runs_vllm_cpu_attention_in_sparse_steps(tmp_path, monkeypat
     assert routes(stats) == ["vllm_cpu", "vllm_cpu"]
 
 
+@requires_cpu_platform
 def test_routed_dense_step_writes_the_summaries_later_sparse_steps_read(tmp_path, monkeypatch):
     """Step 1 (prompts, all dense by the encoder limit) runs on vLLM's CPU attention, yet must pool
     the blocks it completes: step 2's decodes are sparse and select by those summaries."""
@@ -299,7 +308,11 @@ def test_layer_index():
 
 
 def test_register_only_when_switched_on(monkeypatch):
-    member = AttentionBackendEnum.CPU_ATTN
+    """CPU: MoBA takes vLLM's CPU_ATTN member (the CPU platform resolves it whatever is asked);
+    GPUs: the CUSTOM member, which moba-serve asks for."""
+    cpu = current_platform.is_cpu()
+    member = AttentionBackendEnum.CPU_ATTN if cpu else AttentionBackendEnum.CUSTOM
+    path, cls = (CPU_BACKEND_PATH, MobaCPUAttentionBackend) if cpu else (BACKEND_PATH, MobaAttentionBackend)
     member.clear_override()
     try:
         monkeypatch.delenv("FD_ATTENTION_BACKEND", raising=False)
@@ -307,8 +320,8 @@ def test_register_only_when_switched_on(monkeypatch):
         assert not member.is_overridden(), "the plugin changed vLLM with MoBA off"
         monkeypatch.setenv("FD_ATTENTION_BACKEND", "PLAS_ATTN")
         register()
-        assert member.get_path() == CPU_BACKEND_PATH
-        assert member.get_class() is MobaCPUAttentionBackend
+        assert member.get_path() == path
+        assert member.get_class() is cls
         monkeypatch.setenv("FD_ATTENTION_BACKEND", "MOBA_ATTEN")
         with pytest.raises(MobaConfigError, match="MOBA_ATTN"):
             register()
