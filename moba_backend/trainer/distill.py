@@ -105,6 +105,7 @@ def candidate_mask(T: int, block_size: int, sink_blocks: int, local_blocks: int,
 
 TARGETS = ("max", "sum")
 PARAMS = ("factored", "full")
+DEFAULT_LR = {"factored": 1e-2, "full": 1e-3}   # Adam step of W's parameters, per parametrization
 SCALE_LR = 0.05            # Adam step of the loss temperatures (log scale)
 CALIBRATION_STEPS = 30     # temperature fit per gate before a held-out KL
 
@@ -264,8 +265,9 @@ class GateParams:
 
     `full`: W itself. `factored`: `W[h, t, d] = (1 + a[h, t]) * (1 + c[h, d]) / B`, a weight per
     position in the block times a weight per channel (B + D numbers per KV head instead of B x D).
-    Trained on a few windows, the full W fits the windows' own blocks and selects worse than the
-    `mean` gate on unseen 8K text; the factored one does not. Either way the file holds the full W.
+    Trained on the same six 8K windows (10 Adam steps each, 512 sampled rows), the held-out block
+    recall at 8 blocks went 0.8663 (`mean`) -> 0.8625 with the full W, which fits the windows' own
+    blocks, and -> 0.8676 with the factored one. Either way the file holds the full W.
     """
 
     def __init__(self, kind: str, num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
@@ -311,11 +313,11 @@ def model_dims(model) -> tuple[int, int, int]:
 
 
 def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_size: int = 128,
-            seq_len: int = 2048, steps: int = 12, inner_steps: int = 5, lr: float = 1e-3,
+            seq_len: int = 2048, steps: int = 12, inner_steps: int = 5, lr: float | None = None,
             sink_blocks: int = 1, local_blocks: int = 1, checkpoint: str | os.PathLike | None = None,
             resume: bool = False, save_every: int = 1, seed: int = 0, progress: bool = True,
             log_every: int = 1, target: str = "max", heldout: int = 0, learn_scale: bool = True,
-            param: str = "full", blocks: int = 8, rows: int = 0) -> dict:
+            param: str = "factored", blocks: int = 8, rows: int = 0) -> dict:
     """Train the gate weights of `model` on windows of `token_ids` [N]; writes `out` (safetensors).
 
     Each step captures q/k for one window of `seq_len` tokens, computes the targets once, and
@@ -329,7 +331,7 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
     selection does not see it), so W learns the order of the blocks rather than the target's
     sharpness; the held-out KLs are then each taken at a temperature fitted on those windows.
     `target`: `max` (max-pooled attention, the oracle's order) or `sum` (attention mass per block).
-    `param`: how W is trained (`GateParams`). Block recall: share of the dense attention inside
+    `param`: how W is trained (`GateParams`); `lr` defaults to DEFAULT_LR[param]. Block recall: share of the dense attention inside
     the `blocks` blocks the gate selects (forced included), as the quality harness measures it.
     `rows` > 0: that many random query rows per window (targets cost rows x seq_len).
     """
@@ -341,6 +343,7 @@ def distill(model, token_ids: torch.Tensor, out: str | os.PathLike, *, block_siz
         raise ValueError(f"target={target!r}: expected one of {TARGETS}")
     if param not in PARAMS:
         raise ValueError(f"param={param!r}: expected one of {PARAMS}")
+    lr = DEFAULT_LR[param] if lr is None else lr
     if token_ids.numel() < (1 + heldout) * seq_len:
         raise ValueError(f"need at least (1 + heldout) x seq_len={(1 + heldout) * seq_len} tokens of text, "
                          f"got {token_ids.numel()}")
@@ -446,14 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=12, help="windows of seq-len tokens")
     ap.add_argument("--inner-steps", type=int, default=5, help="Adam steps per window")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help=f"Adam step (default: {DEFAULT_LR})")
     ap.add_argument("--sink-blocks", type=int, default=1)
     ap.add_argument("--local-blocks", type=int, default=1)
     ap.add_argument("--target", choices=TARGETS, default="max",
                     help="per-block target: max-pooled attention (the oracle's order) or its sum")
     ap.add_argument("--heldout", type=int, default=1,
                     help="windows cut from the end of the text, never trained on, for the KL before/after")
-    ap.add_argument("--param", choices=PARAMS, default="full",
+    ap.add_argument("--param", choices=PARAMS, default="factored",
                     help="factored: a weight per block position times one per channel; full: every W entry")
     ap.add_argument("--blocks", type=int, default=8,
                     help="blocks selected per query (forced included) for the held-out block recall")
