@@ -250,14 +250,16 @@ def build_plan(
 
 
 class DecodePlanBuffers:
-    """Plans of decode-only steps in persistent tensors, for CUDA graphs.
+    """Plans of one-token-per-request steps in persistent tensors, for CUDA graphs.
 
-    For a step of R decode requests (one query token each, request r's token in row r), `plan`
-    writes every per-step tensor with device ops (no host synchronisation) into buffers made once
-    for `max_reqs` requests, and returns a MobaPlan whose tensors are views of those buffers and
-    whose sizes depend only on R: `num_visible_blocks` covers `max_seq_len`, and `max_select`
-    the widest selection any length can ask for. A graph captured for R requests then replays on
-    the plan of any later step of R requests. Padding requests (sequence length 0, slot < 0, as
+    For a step of R requests of one query token each (request r's token in row r: decodes, and
+    one-token prompt chunks, which `prefill` marks and which select with the encoder window as
+    in `build_plan`), `plan` writes every per-step tensor with device ops (no host
+    synchronisation) into buffers made once for `max_reqs` requests, and returns a MobaPlan whose
+    tensors are views of those buffers and whose sizes depend only on R: `num_visible_blocks`
+    covers `max_seq_len`, and `max_select` the widest selection any length can ask for. Every
+    token runs as a decode tile (split-K). A graph captured for R requests then replays on the
+    plan of any later step of R requests. Padding requests (sequence length 0, slot < 0, as
     engines pad a graph's batch) attend position 0 through their block table's first page;
     their rows are garbage and their K/V and summaries are not written.
     """
@@ -276,15 +278,15 @@ class DecodePlanBuffers:
         B = cfg.moba_block_size
         self.num_visible_blocks = (max_seq_len + B - 1) // B
         # dense below the limit selects c1 + 1 <= ceil((limit - 1) / B) blocks, else `right`
-        dense_width = (cfg.decoder_seq_limit + B - 2) // B
-        self.max_select = max(1, min(self.num_visible_blocks,
-                                     max(cfg.moba_decoder_top_k_right, dense_width)))
+        widths = [cfg.moba_decoder_top_k_right, (cfg.decoder_seq_limit + B - 2) // B,
+                  cfg.moba_encoder_top_k_right, (cfg.encoder_seq_limit + B - 2) // B]
+        self.max_select = max(1, min(self.num_visible_blocks, max(widths)))
         dev = torch.device(device)
         i32 = dict(dtype=torch.int32, device=dev)
         self.arange = torch.arange(max_reqs, **i32)
         self.arange64 = self.arange.long()
         self.ones = torch.ones(max_reqs, **i32)
-        self.true = torch.ones(max_reqs, dtype=torch.bool, device=dev)
+        self.decode = torch.ones(max_reqs, dtype=torch.bool, device=dev)
         self.empty = torch.zeros(0, **i32)
         self.seq_lens = torch.ones(max_reqs, **i32)
         self.pos = torch.zeros(max_reqs, **i32)
@@ -296,33 +298,47 @@ class DecodePlanBuffers:
         self.pool_blk = torch.full((max_reqs,), -1, **i32)
         self.block_table: torch.Tensor | None = None
 
-    def plan(self, seq_lens: torch.Tensor, block_table: torch.Tensor,
-             slot_mapping: torch.Tensor) -> MobaPlan:
-        """The plan of a decode-only step: seq_lens [R] (tokens after this step; 0 pads),
-        block_table [R, pages], slot_mapping [R] (the new token's slot; < 0 pads)."""
+    def plan(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slot_mapping: torch.Tensor,
+             prefill: torch.Tensor | None = None) -> MobaPlan:
+        """The plan of a step of one token per request: seq_lens [R] (tokens after this step; 0
+        pads), block_table [R, pages], slot_mapping [R] (the new token's slot; < 0 pads),
+        prefill [R] bool (a one-token prompt chunk: encoder window; None: all decodes)."""
         R = seq_lens.shape[0]
         cfg, B = self.cfg, self.cfg.moba_block_size
         check(1 <= R <= self.max_reqs, f"{R} decode requests: expected 1..{self.max_reqs}")
         check(block_table.dim() == 2 and block_table.shape[0] == R,
               f"block_table must be [{R}, pages], got {tuple(block_table.shape)}")
         check(slot_mapping.shape == (R,), f"slot_mapping must be [{R}], got {tuple(slot_mapping.shape)}")
-        L = seq_lens.to(self.seq_lens.device).long()
+        check(prefill is None or prefill.shape == (R,), f"prefill must be [{R}] bool")
+        dev = self.seq_lens.device
+        L = seq_lens.to(dev).long()
         eff = L.clamp(min=1)
         hi = eff - 1
         c1 = hi // B
-        dense = (hi + 1 < cfg.decoder_seq_limit) | (c1 + 1 <= cfg.moba_decoder_top_k_right)
+        right, limit = cfg.moba_decoder_top_k_right, cfg.decoder_seq_limit
+        if prefill is not None:
+            pf = prefill.to(dev)
+            right = torch.where(pf, cfg.moba_encoder_top_k_right, right)
+            limit = torch.where(pf, cfg.encoder_seq_limit, limit)
+            self.decode[:R].copy_(~pf)
+        else:
+            self.decode[:R].fill_(True)
+        dense = (hi + 1 < limit) | (c1 + 1 <= right)
         self.seq_lens[:R].copy_(eff)
         self.pos[:R].copy_(hi)
         self.slot_mapping[:R].copy_(slot_mapping)
         self.c1[:R].copy_(c1)
         self.flo[:R].copy_(torch.where(dense, 0, (c1 - cfg.moba_local_blocks).clamp(min=0)))
-        self.n[:R].copy_(torch.where(dense, c1 + 1, cfg.moba_decoder_top_k_right))
+        self.n[:R].copy_(torch.where(dense, c1 + 1, right))
         self.dense[:R].copy_(dense)
         self.pool_blk[:R].copy_(torch.where((L > 0) & (L % B == 0), L // B - 1, -1))
-        if (self.block_table is None or self.block_table.shape[1] != block_table.shape[1]
-                or self.block_table.device != block_table.device):
+        if self.block_table is None:
             self.block_table = torch.zeros(self.max_reqs, block_table.shape[1], dtype=torch.int32,
-                                           device=self.seq_lens.device)
+                                           device=dev)
+        # a graph captured earlier holds this buffer's address: it is never reallocated
+        check(block_table.shape[1] == self.block_table.shape[1],
+              f"block_table has {block_table.shape[1]} pages per request; these buffers were made "
+              f"for {self.block_table.shape[1]}")
         self.block_table[:R].copy_(block_table)
         ar, ar64 = self.arange[:R], self.arange64[:R]
         empty = TileSet(req=self.empty, q0=self.empty, length=self.empty, pos0=self.empty,
@@ -331,7 +347,7 @@ class DecodePlanBuffers:
             num_tokens=R, num_reqs=R, block_size=B, page_size=self.page_size,
             tokens_per_tile=self.tokens_per_tile, block_m=self.block_m,
             seq_lens=self.seq_lens[:R], block_table=self.block_table[:R],
-            token_req=ar, token_pos=self.pos[:R], token_decode=self.true[:R], token_group=ar64,
+            token_req=ar, token_pos=self.pos[:R], token_decode=self.decode[:R], token_group=ar64,
             token_tile=ar64, slot_mapping=self.slot_mapping[:R],
             group_c1=self.c1[:R], group_flo=self.flo[:R], group_n=self.n[:R],
             group_dense=self.dense[:R], group_req=ar, group_q0=ar, group_len=self.ones[:R],

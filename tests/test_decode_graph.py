@@ -13,8 +13,10 @@ from tests.test_attention import context_summaries
 
 IMPLS = ["torch"] + (["triton"] if kernel_device() else [])
 B = 16
-# (context, 1, decode): a step that completes a block (L = 3B), a first token (L = 1), long ones
-DECODES = [(3 * B - 1, 1, True), (5 * B + 6, 1, True), (0, 1, True), (9 * B + 2, 1, True)]
+# (context, 1, decode): a step that completes a block (L = 3B), a first token (L = 1), long ones,
+# and a one-token prompt chunk (not a decode: it selects with the encoder window)
+DECODES = [(3 * B - 1, 1, True), (5 * B + 6, 1, True), (0, 1, True), (9 * B + 2, 1, True),
+           (7 * B + 3, 1, False)]
 
 
 def layer_for(cfg, impl, H=8, HK=2, D=64, layer_idx=0):
@@ -54,11 +56,13 @@ def test_static_decode_plan_matches_build_plan(gate, mode, dense_layers, impl):
     bufs = DecodePlanBuffers(cfg, max_reqs=8, max_seq_len=16 * B, page_size=16, num_heads=8,
                              num_kv_heads=2, device=dev, head_dim=64)
     q, k, v, seq, bt, slot = (x.to(dev) for x in padded(b, pads=2))
-    plan = bufs.plan(seq, bt, slot)
-    assert plan.static and plan.num_tokens == 6 and plan.num_visible_blocks == 16
+    prefill = torch.cat([~b.is_decode, torch.zeros(2, dtype=torch.bool)])
+    plan = bufs.plan(seq, bt, slot, prefill=prefill)
+    n = len(DECODES)
+    assert plan.static and plan.num_tokens == n + 2 and plan.num_visible_blocks == 16
     kc2, vc2, sc2 = caches()
     out = layer.forward(q, k, v, kc2, vc2, sc2, plan)
-    assert_close(out[:4].cpu(), ref.cpu(), 1e-5, f"static plan {gate} {mode}")
+    assert_close(out[:n].cpu(), ref.cpu(), 1e-5, f"static plan {gate} {mode}")
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc), "padding requests wrote K/V"
     assert torch.equal(sc2, sc), "summaries differ (or padding requests wrote some)"
     assert not torch.equal(sc, sc0.to(dev)), "the step completing a block wrote no summary"
@@ -74,6 +78,11 @@ def test_static_plan_rejects_bad_shapes():
     with pytest.raises(ValueError, match="slot_mapping"):
         bufs.plan(torch.ones(2, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int32),
                   torch.zeros(3, dtype=torch.int64))
+    bufs.plan(torch.ones(2, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int32),
+              torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="pages per request"):   # a captured graph holds the buffer
+        bufs.plan(torch.ones(2, dtype=torch.int32), torch.zeros(2, 5, dtype=torch.int32),
+                  torch.zeros(2, dtype=torch.int64))
 
 
 @requires_triton

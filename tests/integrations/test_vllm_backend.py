@@ -101,22 +101,28 @@ def test_mixed_batch_on_cuda_matches_core(name, shape, B, extra):
 @requires_gpu
 @pytest.mark.parametrize("name,shape,B,extra", CASES[:3], ids=[c[0] for c in CASES[:3]])
 def test_decode_steps_on_cuda_are_planned_for_cuda_graphs(name, shape, B, extra):
-    """Decode-only steps padded as vLLM pads a CUDA graph's batch (the padding requests after the
-    real ones, one token row each) take the static plan, into the same buffers every step, and
-    match the core torch path."""
+    """Steps of one token per request padded as vLLM pads a CUDA graph's batch (the padding
+    requests after the real ones, one token row each) take the static plan, into the same buffers
+    every step, and match the core torch path. vLLM replays its decode graphs for any such batch,
+    so a request whose prompt ends with a one-token chunk (still a prefill: encoder window) is
+    planned the same way."""
     lengths = [int(9.5 * B), 3 * B - 2, 5, 14 * B + 3]
     steps = 4
-    h = Harness(shape, sparse_cfg(B, **extra), [L + steps for L in lengths], seed=hash(name) % 1000,
-                device="cuda")
-    prefill = [Work(r, 0, L, L) for r, L in enumerate(lengths)]
+    h = Harness(shape, sparse_cfg(B, **extra), [L + steps for L in lengths] + [11 * B + 3],
+                seed=hash(name) % 1000, device="cuda")
+    prompt4 = 11 * B + 3
+    prefill = [Work(r, 0, L, L) for r, L in enumerate(lengths)] + [Work(4, 0, prompt4 - 1, prompt4)]
     assert_close(h.step_plugin(prefill), h.step_reference(prefill), 1e-4, f"{name} prefill")
     assert not h.last_metadata.plan.static
     ptrs = None
     for i in range(steps):
         work = [Work(r, L + i, L + i + 1, L) for r, L in enumerate(lengths)]
+        if i == 0:   # the last token of request 4's prompt, batched with the decodes
+            work.append(Work(4, prompt4 - 1, prompt4, prompt4))
         out = h.step_plugin(work, pad=2, pad_reqs=2)
         plan = h.last_metadata.plan
-        assert plan.static and plan.num_tokens == len(lengths) + 2
+        assert plan.static and plan.num_tokens == len(work) + 2
+        assert h.last_metadata.num_prefills == (1 if i == 0 else 0)
         now = (plan.seq_lens.data_ptr(), plan.group_c1.data_ptr(), plan.block_table.data_ptr(),
                plan.slot_mapping.data_ptr(), plan.pool_blk.data_ptr())
         assert ptrs is None or now == ptrs, "the static plan moved to new buffers"
@@ -153,6 +159,9 @@ def test_cudagraph_support_is_declared_for_gpus_only():
     get = MobaMetadataBuilder.get_cudagraph_support
     assert get(stub_vllm_config({}, 4, device="cpu"), None) == AttentionCGSupport.NEVER
     assert get(stub_vllm_config({}, 4, device="cuda"), None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # the torch ops read shapes back from the device: no graphs
+    torch_impl = stub_vllm_config({"moba_impl": "torch"}, 4, device="cuda")
+    assert get(torch_impl, None) == AttentionCGSupport.NEVER
 
 
 @pytest.mark.parametrize("name,shape,B,extra", CASES[:2], ids=[c[0] for c in CASES[:2]])

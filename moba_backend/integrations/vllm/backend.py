@@ -1,10 +1,11 @@
 """MoBA as a vLLM attention backend: Backend / MetadataBuilder / Impl in one file.
 
 - `MobaMetadataBuilder.build` turns vLLM's `CommonAttentionMetadata` (mixed decodes, chunked
-  prefills and prefills) into one `MobaPlan` per step, shared by every layer. On a GPU a
-  decode-only step is planned into persistent buffers (`DecodePlanBuffers`) with shapes fixed by
-  the batch size, so vLLM captures and replays it in a full CUDA graph
-  (`UNIFORM_SINGLE_TOKEN_DECODE`); other steps run eagerly between the model's piecewise graphs.
+  prefills and prefills) into one `MobaPlan` per step, shared by every layer. On a GPU a step of
+  one query token per request (decodes, one-token prompt chunks) is planned into persistent
+  buffers (`DecodePlanBuffers`) with shapes fixed by the batch size, so vLLM captures and replays
+  it in a full CUDA graph (`UNIFORM_SINGLE_TOKEN_DECODE`: vLLM replays those graphs for every
+  such batch); other steps run eagerly between the model's piecewise graphs.
 - `MobaAttentionImpl.do_kv_cache_update` scatters the step's K/V into the paged cache;
   `forward` runs `MobaAttention.forward` (block summaries, selection, sparse attention).
 - On CPU, a step MoBA runs dense (a layer in `moba_dense_layers`, or every request of the step
@@ -49,7 +50,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout
 
-from moba_backend.attention import MobaAttention, write_kv
+from moba_backend.attention import MobaAttention, resolve_impl, write_kv
 from moba_backend.config import MobaConfig, MobaConfigError, parse_moba_config
 from moba_backend.ops.common import slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
@@ -240,10 +241,13 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: Any) -> AttentionCGSupport:
-        """Full CUDA graphs for decode-only steps on a GPU (their plans are static,
-        `DecodePlanBuffers`); nothing on CPU, where vLLM captures no graphs."""
+        """Full CUDA graphs for steps of one query token per request on a GPU (their plans are
+        static, `DecodePlanBuffers`); nothing on CPU, where vLLM captures no graphs, nor with the
+        torch ops."""
         kind = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
-        if kind == "cuda" or (kind is None and current_platform.is_cuda_alike()):
+        on_gpu = kind == "cuda" or (kind is None and current_platform.is_cuda_alike())
+        # the torch ops (MOBA_IMPL=torch) read shapes back from the device: not capturable
+        if on_gpu and resolve_impl("auto", moba_config_from_vllm(vllm_config)) != "torch":
             return cls._cudagraph_support
         return AttentionCGSupport.NEVER
 
@@ -267,7 +271,7 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         self._decode_buffers: DecodePlanBuffers | None = None
         # vLLM's host copy of seq_lens is exact without speculative decoding (CommonAttentionMetadata)
         self._exact_host_seq_lens = getattr(vllm_config, "speculative_config", None) is None
-        if torch.device(device).type == "cuda":
+        if torch.device(device).type == "cuda" and resolve_impl("auto", self.cfg) != "torch":
             self._decode_buffers = DecodePlanBuffers(
                 self.cfg, vllm_config.scheduler_config.max_num_seqs, model_config.max_model_len,
                 self.page_size, self.num_heads, self.num_kv_heads, device,
@@ -290,12 +294,14 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
             is_decode &= ~cm.is_prefilling[:R].cpu()
         T = int(qsl[-1] - qsl[0])
         n_dec = int(is_decode.sum())
-        if self._static_decode_step(cm, q_lens, is_decode, n_dec):
-            # pads (graph batches) have no query token and sequence length 0
+        if self._static_step(cm, q_lens):
+            # pads (graph batches) have no query token and sequence length 0; one-token prompt
+            # chunks keep the encoder window
             plan = self._decode_buffers.plan(cm.seq_lens[:R], cm.block_table_tensor[:R],
-                                             cm.slot_mapping[:R])
+                                             cm.slot_mapping[:R], prefill=(q_lens == 1) & ~is_decode)
+            n_tok = int((q_lens == 1).sum())
             return MobaMetadata(plan=plan, num_actual_tokens=R, num_decodes=n_dec,
-                                num_prefills=0, max_query_len=1)
+                                num_prefills=n_tok - n_dec, max_query_len=1)
         plan = build_plan(self.cfg, qsl, self._host_seq_lens(cm), cm.block_table_tensor[:R],
                           cm.slot_mapping[:T], is_decode, self.page_size, self.num_heads,
                           self.num_kv_heads, device=self.device, head_dim=self.kv_cache_spec.head_size)
@@ -317,16 +323,18 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
             return host[:R]
         return cm.seq_lens[:R].cpu()
 
-    def _static_decode_step(self, cm: CommonAttentionMetadata, q_lens: torch.Tensor,
-                            is_decode: torch.Tensor, n_dec: int) -> bool:
-        """A step `DecodePlanBuffers` plans: on a GPU, every request a one-token decode, padding
-        requests (no query token) only after them, one row of q per request."""
+    def _static_step(self, cm: CommonAttentionMetadata, q_lens: torch.Tensor) -> bool:
+        """A step `DecodePlanBuffers` plans: on a GPU, one query token per request (decodes and
+        one-token prompt chunks alike: vLLM replays its decode graphs for every batch of
+        one-token requests, whatever they are), padding requests (no query token) only after
+        them, one row of q per request."""
         R = cm.num_reqs
         if self._decode_buffers is None or R == 0 or R > self._decode_buffers.max_reqs:
             return False
-        if cm.num_actual_tokens != R or n_dec == 0 or not bool(is_decode[:n_dec].all()):
+        n_tok = int((q_lens == 1).sum())
+        if cm.num_actual_tokens != R or n_tok == 0 or not bool((q_lens[:n_tok] == 1).all()):
             return False
-        return bool((q_lens[n_dec:] == 0).all())
+        return bool((q_lens[n_tok:] == 0).all())
 
     def _stage_for_cpu_attention(self, common_prefix_len: int, cm: CommonAttentionMetadata,
                                  T: int, cap: int) -> CpuDenseStep | None:

@@ -320,7 +320,9 @@ def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPla
         return out
     page, table = plan.page_size, plan.block_table
     if compact is None:
-        copy_bytes = plan.num_reqs * nbv * summary_cache[0, 0].numel() * q.element_size()
+        # the gather reads float32 summaries, then rounds them: both copies live at once
+        copy_bytes = (plan.num_reqs * nbv * summary_cache[0, 0].numel()
+                      * (summary_cache.element_size() + q.element_size()))
         compact = (q.dtype != torch.float32 and nbv >= COMPACT_MIN_BLOCKS
                    and copy_bytes <= COMPACT_BUDGET_BYTES)
     if compact:
