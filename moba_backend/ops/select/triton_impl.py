@@ -372,7 +372,7 @@ def _decode_select_kernel(
     t_req_ptr, t_q0_ptr,                      # [NT] int32 decode tiles (one token each)
     tok_group_ptr,                            # [T] int64
     g_c1_ptr, g_flo_ptr, g_n_ptr,             # [NG] int32
-    scr_ptr,        # [NT, HK, BLOCK_G + 1, NBV_P] float32 scratch
+    scr_ptr,        # [NT, HK, G (+ 1 in shared mode), NBV_P] float32 scratch
     blocks_ptr,     # [NT, HK, LW] int32 out: ascending block list of the tile
     nblocks_ptr,    # [NT, HK] int32 out
     member_ptr,     # [T, H, W] int32 out (MODE == 0): ascending per-head lists, SENTINEL-padded
@@ -433,21 +433,22 @@ def _decode_select_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(b_s - m_safe[:, None]), axis=1)
             m_i = m_new
-        tl.store(p_scr + o_g[:, None] * stride_scr_g + o_j[None, :], b_s)
-    # the rows that select: heads, or (shared) one group-score row kept at scratch row BLOCK_G
+        tl.store(p_scr + o_g[:, None] * stride_scr_g + o_j[None, :], b_s, mask=m_g[:, None])
+    # the rows that select: heads, or (shared) one group-score row kept at scratch row G
     if MODE == 2:
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         for j0 in range(0, flo, BLOCK_J):
             o_j = j0 + o_jj
-            b_s = tl.load(p_scr + o_g[:, None] * stride_scr_g + o_j[None, :])
+            b_s = tl.load(p_scr + o_g[:, None] * stride_scr_g + o_j[None, :], mask=m_g[:, None],
+                          other=float("-inf"))
             b_p = tl.where(m_g[:, None], tl.exp(b_s - m_safe[:, None]) / l_safe[:, None], float("-inf"))
             b_p = tl.where(((o_j >= sink) & (o_j < flo))[None, :], b_p, float("-inf"))
-            tl.store(p_scr + BLOCK_G * stride_scr_g + o_j, tl.max(b_p, axis=0))
-        r_row = tl.where(o_g == 0, BLOCK_G, 0)
+            tl.store(p_scr + G * stride_scr_g + o_j, tl.max(b_p, axis=0))
+        r_row = tl.where(o_g == 0, G, 0)
         m_r = o_g == 0
     else:
-        r_row = o_g
+        r_row = tl.where(m_g, o_g, 0)   # padding rows read row 0 and select nothing (m_r)
         m_r = m_g
     p_rows = p_scr + r_row[:, None] * stride_scr_g
 
@@ -536,7 +537,7 @@ def decode_select_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPl
     block_g = max(16, next_pow2(G))
     nbv_p = triton.cdiv(nbv, block_j) * block_j
     dev = q.device
-    scratch = torch.empty(tiles.num, HK, block_g + 1, nbv_p, dtype=torch.float32, device=dev)
+    scratch = torch.empty(tiles.num, HK, G + (p.mode == "shared"), nbv_p, dtype=torch.float32, device=dev)
     blocks = torch.empty(tiles.num, HK, LW, dtype=torch.int32, device=dev)
     nblocks = torch.empty(tiles.num, HK, dtype=torch.int32, device=dev)
     members = torch.empty(T, H, W, dtype=torch.int32, device=dev) if p.mode == "token" else blocks
