@@ -17,9 +17,10 @@ Tokens are in request order (all tokens of request 0, then request 1, ...), as e
   index < 0 is no work (`DecodePlanBuffers` keeps one entry per request).
 
 `build_plan` reads the step's shape on the host and makes fresh tensors: any step, eager only.
-`DecodePlanBuffers` plans decode-only steps with device ops into persistent tensors whose shapes
-depend only on the batch size, so a decode step can be captured once in a CUDA graph and
-replayed.
+`DecodePlanBuffers` plans steps of one query token per request (decodes, one-token prompt chunks)
+with device ops into persistent tensors whose shapes depend only on the batch size, so such a
+step can be captured once in a CUDA graph and replayed. Both take each group's block window from
+`group_window`.
 """
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ def tokens_per_tile_for(num_heads: int, num_kv_heads: int, mode: str, query_tile
     return tpt, max(16, next_pow2(tpt * gp))
 
 
+def group_window(cfg: MobaConfig, lo: torch.Tensor, hi: torch.Tensor, right, limit):
+    """The block window of groups spanning positions [lo, hi] that select `right` blocks and run
+    dense below `limit` tokens (`right`, `limit`: ints, or tensors per group): (c1, flo, n, dense),
+    the last visible block, the first forced local block (candidates are below it), the blocks
+    to select, and whether the group runs dense (every visible block)."""
+    B = cfg.moba_block_size
+    c1 = hi // B
+    dense = (hi + 1 < limit) | (c1 + 1 <= right)
+    flo = torch.where(dense, 0, torch.clamp(lo // B - cfg.moba_local_blocks, min=0))
+    return c1, flo, torch.where(dense, c1 + 1, right), dense
+
+
 def build_plan(
     cfg: MobaConfig,
     query_start_loc: torch.Tensor,  # [R+1]
@@ -180,11 +193,10 @@ def build_plan(
         n_groups += len(lo)
         right = cfg.moba_decoder_top_k_right if decode else cfg.moba_encoder_top_k_right
         limit = cfg.decoder_seq_limit if decode else cfg.encoder_seq_limit
-        c1 = hi // B
-        is_dense = (hi + 1 < limit) | (c1 + 1 <= right)
+        c1, flo, n, is_dense = group_window(cfg, lo, hi, right, limit)
         g_c1.append(c1)
-        g_flo.append(torch.where(is_dense, 0, torch.clamp(lo // B - cfg.moba_local_blocks, min=0)))
-        g_n.append(torch.where(is_dense, c1 + 1, right))
+        g_flo.append(flo)
+        g_n.append(n)
         g_dense.append(is_dense)
         g_req.append(torch.full_like(lo, r))
         g_q0.append(q_lo + lo - ctx)
@@ -314,7 +326,6 @@ class DecodePlanBuffers:
         L = seq_lens.to(dev).long()
         eff = L.clamp(min=1)
         hi = eff - 1
-        c1 = hi // B
         right, limit = cfg.moba_decoder_top_k_right, cfg.decoder_seq_limit
         if prefill is not None:
             pf = prefill.to(dev)
@@ -323,13 +334,13 @@ class DecodePlanBuffers:
             self.decode[:R].copy_(~pf)
         else:
             self.decode[:R].fill_(True)
-        dense = (hi + 1 < limit) | (c1 + 1 <= right)
+        c1, flo, n, dense = group_window(cfg, hi, hi, right, limit)
         self.seq_lens[:R].copy_(eff)
         self.pos[:R].copy_(hi)
         self.slot_mapping[:R].copy_(slot_mapping)
         self.c1[:R].copy_(c1)
-        self.flo[:R].copy_(torch.where(dense, 0, (c1 - cfg.moba_local_blocks).clamp(min=0)))
-        self.n[:R].copy_(torch.where(dense, c1 + 1, right))
+        self.flo[:R].copy_(flo)
+        self.n[:R].copy_(n)
         self.dense[:R].copy_(dense)
         self.pool_blk[:R].copy_(torch.where((L > 0) & (L % B == 0), L // B - 1, -1))
         if self.block_table is None:

@@ -271,7 +271,8 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         self._decode_buffers: DecodePlanBuffers | None = None
         # vLLM's host copy of seq_lens is exact without speculative decoding (CommonAttentionMetadata)
         self._exact_host_seq_lens = getattr(vllm_config, "speculative_config", None) is None
-        if torch.device(device).type == "cuda" and resolve_impl("auto", self.cfg) != "torch":
+        graphs = self.get_cudagraph_support(vllm_config, kv_cache_spec) != AttentionCGSupport.NEVER
+        if torch.device(device).type == "cuda" and graphs:
             self._decode_buffers = DecodePlanBuffers(
                 self.cfg, vllm_config.scheduler_config.max_num_seqs, model_config.max_model_len,
                 self.page_size, self.num_heads, self.num_kv_heads, device,
@@ -294,12 +295,12 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
             is_decode &= ~cm.is_prefilling[:R].cpu()
         T = int(qsl[-1] - qsl[0])
         n_dec = int(is_decode.sum())
-        if self._static_step(cm, q_lens):
+        n_tok = int((q_lens == 1).sum())
+        if self._static_step(cm, q_lens, n_tok):
             # pads (graph batches) have no query token and sequence length 0; one-token prompt
             # chunks keep the encoder window
             plan = self._decode_buffers.plan(cm.seq_lens[:R], cm.block_table_tensor[:R],
                                              cm.slot_mapping[:R], prefill=(q_lens == 1) & ~is_decode)
-            n_tok = int((q_lens == 1).sum())
             return MobaMetadata(plan=plan, num_actual_tokens=R, num_decodes=n_dec,
                                 num_prefills=n_tok - n_dec, max_query_len=1)
         plan = build_plan(self.cfg, qsl, self._host_seq_lens(cm), cm.block_table_tensor[:R],
@@ -323,7 +324,7 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
             return host[:R]
         return cm.seq_lens[:R].cpu()
 
-    def _static_step(self, cm: CommonAttentionMetadata, q_lens: torch.Tensor) -> bool:
+    def _static_step(self, cm: CommonAttentionMetadata, q_lens: torch.Tensor, n_tok: int) -> bool:
         """A step `DecodePlanBuffers` plans: on a GPU, one query token per request (decodes and
         one-token prompt chunks alike: vLLM replays its decode graphs for every batch of
         one-token requests, whatever they are), padding requests (no query token) only after
@@ -331,7 +332,6 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         R = cm.num_reqs
         if self._decode_buffers is None or R == 0 or R > self._decode_buffers.max_reqs:
             return False
-        n_tok = int((q_lens == 1).sum())
         if cm.num_actual_tokens != R or n_tok == 0 or not bool((q_lens[:n_tok] == 1).all()):
             return False
         return bool((q_lens[n_tok:] == 0).all())
