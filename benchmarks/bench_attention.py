@@ -348,7 +348,8 @@ def selection_work(sel: Selection, plan: MobaPlan, H: int) -> tuple[int, int, in
 
     selected: sum over (token t, query head h) of the keys <= t in the blocks h attends;
     union: the same over the blocks of the token's kernel-tile list (what the kernel loops over:
-    in `token` mode this includes the blocks a member masks out); KV tokens: union pairs counted
+    for `token` decode this includes the blocks a member masks out; `token` prefill, organised
+    by KV block, computes the selected pairs only); KV tokens: union pairs counted
     once per KV head (what a decode token's program reads)."""
     T = plan.num_tokens
     B = plan.block_size
@@ -371,6 +372,9 @@ def selection_work(sel: Selection, plan: MobaPlan, H: int) -> tuple[int, int, in
     uni_pairs = uni_kv * G
     if sel.member_blocks is None:
         sel_pairs = uni_pairs
+    elif plan.prefill.num:
+        # `token` prefill runs organised by KV block over the members' own picks
+        uni_pairs = sel_pairs
     return sel_pairs, uni_pairs, uni_kv
 
 

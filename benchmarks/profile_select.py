@@ -1,8 +1,9 @@
 """Where one layer's block selection spends its GPU time: the CUDA kernels of `select` on one
 prefill of Llama-3-8B attention shapes (H 32, HK 8, D 128, bf16, block 128, page 16), random
-q and summaries, by the torch profiler (one warm call).
+q and summaries, by the torch profiler (one warm call). `--forward`: the whole layer forward
+(pooling, selection, attention) over a random paged K/V cache instead.
 
-    python benchmarks/profile_select.py --mode token --len 131072
+    python benchmarks/profile_select.py --mode token --len 131072 [--forward]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--mode", default="token", choices=("token", "union", "shared"))
     ap.add_argument("--len", type=int, default=131072, help="prefill tokens (one request)")
     ap.add_argument("--rows", type=int, default=14, help="kernels listed")
+    ap.add_argument("--forward", action="store_true", help="profile the layer forward, not select alone")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_select.py needs a CUDA device")
@@ -36,12 +38,21 @@ def main() -> None:
     summ = torch.randn(attn.summary_shape(N, P), device=dev)
     plan = build_plan(cfg, torch.tensor([0, L], dtype=torch.int32), torch.tensor([L], dtype=torch.int32),
                       bt, torch.arange(L), torch.zeros(1, dtype=torch.bool), P, H, HK, device=dev, head_dim=D)
-    select(q, summ, plan, attn.params, backend="triton")                 # compile, warm up
+    if args.forward:
+        k_cache = torch.randn(N, P, HK, D, device=dev, dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+
+        def run():
+            attn.forward(q, None, None, k_cache, v_cache, summ, plan)
+    else:
+        def run():
+            select(q, summ, plan, attn.params, backend="triton")
+    run()                                                                 # compile, warm up
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        select(q, summ, plan, attn.params, backend="triton")
+        run()
         torch.cuda.synchronize()
-    print(f"select[{args.mode}] L={L} on {torch.cuda.get_device_name()}")
+    print(f"{'forward' if args.forward else 'select'}[{args.mode}] L={L} on {torch.cuda.get_device_name()}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/tune_attention.py            # Llama-3-8B shapes, 32K and 128K
     python benchmarks/tune_attention.py --only gate,prefill --lens 131072 --block-m 128,256
+    python benchmarks/tune_attention.py --only token --lens 131072   # `token` prefill kernels
 
 Prints the median time of each configuration (triton.testing.do_bench) for prefill (`shared`
 selection, 60 blocks of 128 per tile) and decode (batch 16, 120 blocks), beside dense SDPA.
@@ -46,6 +47,42 @@ def make_step(L, batch, decode, H=32, HK=8, D=128, P=16, mode="shared", dtype=to
     return q, kc, vc, plan, sel, layer
 
 
+def tune_token(args, ints) -> None:
+    """`token` prefill: the KV-block kernels (`token_prefill_fwd`) and the member top-k."""
+    from moba_backend.ops.prefill import triton_impl as pre
+    from moba_backend.ops.select import triton_impl as sel_impl
+
+    for L in ints(args.lens):
+        q, kc, vc, plan, sel, layer = make_step(L, 1, False, mode="token")
+        sc = torch.randn(layer.summary_shape(kc.shape[0], kc.shape[1]), device="cuda")
+        out = torch.empty_like(q)
+        ref = None
+        for cfg in args.token.split(","):
+            bm, w, st, sp, span = (int(x) for x in cfg.split(":"))
+            pre.TOKEN_BLOCK_M, pre.TOKEN_NUM_WARPS, pre.TOKEN_NUM_STAGES = bm, w, st
+            pre.BUCKET_SPLITS, pre.SPAN_TOKENS = sp, span
+
+            def fn():
+                pre.token_prefill_fwd(q, kc, vc, plan.block_table, plan.token_pos, plan.prefill, sel, out,
+                                      block_size=128, scale=128 ** -0.5,
+                                      num_visible_blocks=plan.num_visible_blocks)
+            try:
+                t = triton.testing.do_bench(fn, return_mode="median")
+                fn()
+                ref = out.clone() if ref is None else ref
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                print(f"token prefill L={L} block_m={bm} warps={w} stages={st} splits={sp} span={span}: "
+                      f"{t:.3f} ms (rel diff to first {err:.1e})")
+            except Exception as e:  # a config that does not fit (shared memory) is skipped
+                print(f"token prefill {cfg}: {type(e).__name__}: {str(e)[:200]}")
+        for cfg in args.topk.split(","):
+            el, w = (int(x) for x in cfg.split(":"))
+            sel_impl.TOPK_ELEMS, sel_impl.TOPK_NUM_WARPS = el, w
+            t = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
+                                        return_mode="median")
+            print(f"token select L={L} topk elems={el} warps={w}: {t:.3f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,131072")
@@ -61,9 +98,14 @@ def main() -> None:
     ap.add_argument("--gate-stages", default="2,3")
     ap.add_argument("--gate-compact", default="0,1", help="group kernels reading the 16-bit compact copy")
     ap.add_argument("--gate-modes", default="shared", help="moba_tile_select values of the gate rows")
+    ap.add_argument("--token", default="64:4:2:4:512,128:8:2:4:512,64:4:3:4:512,64:4:2:2:512,64:4:2:4:1024",
+                    help="token prefill configs block_m:warps:stages:splits:span_tokens")
+    ap.add_argument("--topk", default="4096:4,4096:2,2048:2,8192:8", help="member top-k configs elems:warps")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
+    if "token" in args.only:
+        tune_token(args, ints)
     if "gate" in args.only:
         from moba_backend.ops.select import triton_impl
         for L, mode in itertools.product(ints(args.lens), args.gate_modes.split(",")):

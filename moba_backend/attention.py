@@ -190,6 +190,10 @@ class MobaAttention:
                 from moba_backend.ops.prefill.cuda_impl import sparse_prefill_fwd as prefill_cuda
                 prefill_cuda(q, k_cache, v_cache, plan.block_table, plan.prefill, sel, out,
                              tokens_per_tile=plan.tokens_per_tile, **common)
+            elif sel.member_blocks is not None:
+                from moba_backend.ops.prefill.triton_impl import token_prefill_fwd
+                token_prefill_fwd(q, k_cache, v_cache, plan.block_table, plan.token_pos, plan.prefill, sel, out,
+                                  num_visible_blocks=plan.num_visible_blocks, **common)
             else:
                 from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
                 sparse_prefill_fwd(q, k_cache, v_cache, plan.block_table, plan.prefill, sel, out,

@@ -15,6 +15,7 @@ CASES = {
     "g8_p128_block16": ([(130, 70, False)], 8, 1, 64, 128, 16),
     "g3_embedded_shape": ([(5, 150, False)], 9, 3, 64, 16, 32),
     "g4_block_spans_pages": ([(0, 200, False)], 4, 1, 64, 16, 64),
+    "block128_two_key_steps": ([(70, 230, False)], 4, 1, 64, 16, 128),
 }
 GPU_CASES = {
     "gpu_long_g4_d128": ([(1000, 3000, False), (0, 2049, False)], 32, 8, 128, 16, 128),
@@ -22,8 +23,10 @@ GPU_CASES = {
 }
 
 
-def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4):
-    from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
+def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4, kernel="tile"):
+    """kernel `tile`: the per-tile kernel over the union; `by_block`: the `token` kernel
+    organised by KV block (`token_prefill_fwd`)."""
+    from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd, token_prefill_fwd
 
     b = make_batch(reqs, H=H, HK=HK, D=D, P=P, dtype=dtype)
     b.write_new_kv()
@@ -32,26 +35,49 @@ def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4)
     ref = sparse_attention(b.q.double(), b.k_cache.double(), b.v_cache.double(), b.block_table,
                            plan.token_req.cpu(), plan.token_pos.cpu(), mask.cpu(), B, D ** -0.5, softcap, window)
     out = torch.full_like(b.q, float("nan")).to(dev)           # poisoned: every row must be written
-    sparse_prefill_fwd(b.q.to(dev), b.k_cache.to(dev), b.v_cache.to(dev), b.block_table.to(dev),
-                       plan.prefill, sel, out, block_size=B, scale=D ** -0.5, softcap=softcap,
-                       window=window, tokens_per_tile=plan.tokens_per_tile, block_m=plan.block_m)
-    assert_close(out.cpu(), ref, tol, "prefill")
+    args = (b.q.to(dev), b.k_cache.to(dev), b.v_cache.to(dev), b.block_table.to(dev))
+    common = dict(block_size=B, scale=D ** -0.5, softcap=softcap, window=window)
+    if kernel == "tile":
+        sparse_prefill_fwd(*args, plan.prefill, sel, out, tokens_per_tile=plan.tokens_per_tile,
+                           block_m=plan.block_m, **common)
+    else:
+        token_prefill_fwd(*args, plan.token_pos, plan.prefill, sel, out,
+                          num_visible_blocks=plan.num_visible_blocks, **common)
+    assert_close(out.cpu(), ref, tol, f"prefill[{kernel}]")
+
+
+KERNELS = ["tile", "by_block"]
 
 
 @requires_triton
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_prefill_kernel_fixed_selection(case):
-    run_case(*CASES[case], dtype=torch.float32, dev=kernel_device())
+def test_prefill_kernel_fixed_selection(case, kernel):
+    run_case(*CASES[case], dtype=torch.float32, dev=kernel_device(), kernel=kernel)
 
 
 @requires_triton
-def test_prefill_kernel_softcap_and_window():
-    run_case([(21, 100, False)], 4, 2, 64, 16, 16, torch.float32, kernel_device(), softcap=5.0, window=40)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prefill_kernel_softcap_and_window(kernel):
+    run_case([(21, 100, False)], 4, 2, 64, 16, 16, torch.float32, kernel_device(), softcap=5.0, window=40,
+             kernel=kernel)
+
+
+@requires_triton
+@pytest.mark.parametrize("budget", [1, 3_000_000], ids=["one_span_a_pass", "spans_share_a_pass"])
+def test_by_block_kernel_many_spans_and_passes(monkeypatch, budget):
+    """Spans cut inside requests, one or several to a pass, give the same result."""
+    from moba_backend.ops.prefill import triton_impl
+
+    monkeypatch.setattr(triton_impl, "SPAN_TOKENS", 24)
+    monkeypatch.setattr(triton_impl, "PARTIAL_BUDGET_BYTES", budget)
+    run_case(*CASES["mixed_chunked_g4_p32"], dtype=torch.float32, dev=kernel_device(), kernel="by_block")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", list(CASES) + list(GPU_CASES), ids=list(CASES) + list(GPU_CASES))
-def test_prefill_kernel_gpu(case, dtype):
+def test_prefill_kernel_gpu(case, dtype, kernel):
     spec = {**CASES, **GPU_CASES}[case]
-    run_case(*spec, dtype=dtype, dev="cuda", tol=1e-2 if dtype != torch.float32 else 1e-4)
+    run_case(*spec, dtype=dtype, dev="cuda", tol=1e-2 if dtype != torch.float32 else 1e-4, kernel=kernel)

@@ -194,3 +194,33 @@ def test_fused_decode_select_window_and_top_set(ties):
             chosen, left_out = s[(sel & cand)[: c - 1]], s[(~sel & cand)[: c - 1]]
             if chosen.numel() and left_out.numel():
                 assert chosen.min() >= left_out.max() - 1e-4 * s.abs().max()
+
+
+@requires_triton
+@pytest.mark.parametrize("mode", ["token", "union"])
+def test_member_topk_exact_n_under_ties(mode):
+    """Every block scoring the same: each member still takes exactly n blocks, forced ones in,
+    ties going to the lower block index (SPEC: ties any)."""
+    dev = kernel_device()
+    cfg = moba_cfg(moba_gate="mean", moba_tile_select=mode)
+    b = make_batch([(40, 300, False), (250, 1, True)], H=4, HK=2, D=32, P=16)
+    plan = b.plan(cfg, device=dev)
+    sc = fixed_summaries(b, cfg)
+    sc[:] = sc[:1, :1].clone()
+    sel = select(b.q.to(dev), sc.to(dev), plan, params(cfg), backend="triton")
+    got = selection_mask(sel, plan, 4).cpu()
+    pos = plan.token_pos.cpu().long()
+    j = torch.arange(got.shape[-1])
+    c1, flo = (pos // 16)[:, None], plan.group_flo[plan.token_group].cpu().long()[:, None]
+    forced = (j[None, :] <= c1) & ((j[None, :] < 1) | (j[None, :] >= flo))
+    if mode == "token":
+        n = plan.group_n[plan.token_group].cpu().long()
+        assert torch.equal(got.sum(-1), n[:, None].expand(-1, 4))
+        assert (got | ~forced[:, None, :]).all()
+        # the lowest-index candidates fill the rest
+        cand_taken = got & ~forced[:, None, :]
+        n_cand = cand_taken.sum(-1, keepdim=True)
+        first = (j[None, None, :] >= 1) & (j[None, None, :] < 1 + n_cand)
+        assert torch.equal(cand_taken, first & ~forced[:, None, :])
+    else:
+        assert (got | ~forced[:, None, :]).all()

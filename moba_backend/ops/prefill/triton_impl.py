@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from moba_backend.ops.common import SENTINEL, check, check_cache, next_pow2
+from moba_backend.plan import TileSet
 
 LOG2E = 1.4426950408889634
 # NOTE: a global read inside a jit function must be a tl.constexpr.
@@ -288,4 +289,302 @@ def sparse_prefill_fwd(q, k_cache, v_cache, block_table, tiles, sel, out, *, blo
     if tiles.num:
         sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, None, block_size=block_size,
                            scale=scale, softcap=softcap, window=window, block_m=block_m, num_splits=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `token` prefill organised by KV block (SPEC.md: "unless the kernel is organised by KV block").
+#
+# A tile's union of per-token picks is close to every block, so walking it costs more than dense
+# attention. Instead the members (token x head) of a span of one request's tokens are bucketed by
+# the block they picked; one program takes one (span, KV head, block): it loads the block's keys
+# and values and attends them for its bucket's rows, BLOCK_M gathered queries at a time. Each
+# (member, pick) leaves a partial (normalized output, log2-sum-exp) and a merge kernel folds each
+# member's partials. Work is proportional to the picks, as in MoBA's own formulation.
+# ---------------------------------------------------------------------------------------------
+
+# tokens of one request whose members share buckets: more fill the row tiles of a bucket
+SPAN_TOKENS = 512
+# programs sharing one bucket's row tiles (the sink and a span's own blocks hold every member),
+# rows of a tile, warps and stages of the block kernel. H100, 128K tokens, 60 blocks of 128
+# (`benchmarks/tune_attention.py --only token`): 2 splits 210 ms, 4 splits 244 ms, 128 rows
+# x 8 warps 269 ms, 32 rows 265-310 ms, 1024-token spans 227 ms.
+BUCKET_SPLITS = 2
+TOKEN_BLOCK_M = 64
+TOKEN_NUM_WARPS = 4
+TOKEN_NUM_STAGES = 2
+# upper bound of one pass's partial outputs (tokens x H x W x (D x element + 4) bytes)
+PARTIAL_BUDGET_BYTES = 512 << 20
+
+
+@triton.jit
+def _bucket_kernel(
+    member_ptr,     # [T, H, W] int32 ascending picks, SENTINEL-padded
+    rows_ptr,       # [NR] int64 q row of each pass row
+    row_span_ptr,   # [NR] int32 span (within the pass) of each pass row
+    cnt_ptr,        # [NS, HK, NBV] int32 bucket sizes (FILL: running cursor)
+    off_ptr,        # [NS, HK, NBV] int64 bucket starts (FILL)
+    bucket_ptr,     # [NR * H * W] int32 out (FILL): entry (pass row * H + head) * W + pick
+    NBV,
+    stride_mt, stride_mh,
+    H: tl.constexpr, HK: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr, FILL: tl.constexpr,
+):
+    """Count (FILL=False) or place (FILL=True) the picks of one pass row x one head."""
+    i_r = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_q = tl.load(rows_ptr + i_r)
+    i_sp = tl.load(row_span_ptr + i_r)
+    o_w = tl.arange(0, W_POW2)
+    j = tl.load(member_ptr + i_q * stride_mt + i_h * stride_mh + o_w, mask=o_w < W, other=SENTINEL_K)
+    m_w = j != SENTINEL_K
+    key = (i_sp * HK + i_h // (H // HK)).to(tl.int64) * NBV + j
+    if FILL:
+        pos = tl.atomic_add(cnt_ptr + key, 1, mask=m_w)
+        start = tl.load(off_ptr + key, mask=m_w, other=0)
+        tl.store(bucket_ptr + start + pos, ((i_r * H + i_h) * W + o_w).to(tl.int32), mask=m_w)
+    else:
+        tl.atomic_add(cnt_ptr + key, 1, mask=m_w)
+
+
+@triton.jit
+def _kv_step(b_q, b_k, b_v, pos_k, pos_q, m_row, m_i, l_i, acc, scale_log2, softcap, window,
+             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One online-softmax step of the rows over BLOCK_N keys (causal by position)."""
+    if IEEE_DOT:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    if HAS_SOFTCAP:
+        b_s = b_s * (scale_log2 / 1.4426950408889634) / softcap
+        b_s = softcap * (2.0 * tl.sigmoid(2.0 * b_s) - 1.0) * 1.4426950408889634
+    else:
+        b_s = b_s * scale_log2
+    m_s = m_row[:, None] & (pos_k[None, :] <= pos_q[:, None])
+    if HAS_WINDOW:
+        m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, axis=1)
+    if IEEE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _block_attn_kernel(
+    q_ptr,          # [T, H, D]
+    k_ptr,          # [N, P, HK, D]
+    v_ptr,          # [N, P, HK, D]
+    bt_ptr,         # [R, max_pages] int32
+    pos_ptr,        # [T] int32 token positions
+    rows_ptr,       # [NR] int64 q row of each pass row
+    span_req_ptr,   # [NS] int32 request of each span of the pass
+    span_last_ptr,  # [NS] int32 last position of each span of the pass
+    cnt_ptr,        # [NS * HK * NBV] int32 bucket sizes
+    off_ptr,        # [NS * HK * NBV] int64 bucket starts
+    bucket_ptr,     # [NR * H * W] int32 entries
+    po_ptr,         # [NR * H * W, D] partial outputs (normalized)
+    plse_ptr,       # [NR * H * W] float32 partial log2-sum-exp
+    NBV,
+    stride_qt, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_bt,
+    scale_log2, softcap, window,
+    H: tl.constexpr, HK: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    MOBA_B: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """One bucket (span, KV head, block j), every SPLITS-th row tile of it: BLOCK_M gathered rows
+    at a time attend block j. A block of one BLOCK_N step is loaded once for all its tiles."""
+    key = tl.program_id(0)
+    i_split = tl.program_id(1)
+    count = tl.load(cnt_ptr + key)
+    n_tiles = tl.cdiv(count, BLOCK_M)
+    if i_split < n_tiles:
+        i_sp = key // (HK * NBV)
+        i_hk = (key // NBV) % HK
+        j = key % NBV
+        start = tl.load(off_ptr + key)
+        i_req = tl.load(span_req_ptr + i_sp).to(tl.int64)
+        last = tl.load(span_last_ptr + i_sp)
+        p_bt = bt_ptr + i_req * stride_bt
+        o_m = tl.arange(0, BLOCK_M)
+        o_n = tl.arange(0, BLOCK_N)
+        o_d = tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        pos_k = j * MOBA_B + o_n
+        m_k = pos_k <= last
+        i_page = tl.load(p_bt + pos_k // PAGE, mask=m_k, other=0).to(tl.int64)
+        i_slot = (pos_k % PAGE).to(tl.int64)
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_k = tl.load(k_ptr + i_page[:, None] * stride_kp + i_slot[:, None] * stride_ks + i_hk * stride_kh
+                      + o_d[None, :], mask=m_kd, other=0.0)
+        b_v = tl.load(v_ptr + i_page[:, None] * stride_vp + i_slot[:, None] * stride_vs + i_hk * stride_vh
+                      + o_d[None, :], mask=m_kd, other=0.0)
+        for it in range(i_split, n_tiles, SPLITS):
+            m_row = it * BLOCK_M + o_m < count
+            e = tl.load(bucket_ptr + start + it * BLOCK_M + o_m, mask=m_row, other=0).to(tl.int64)
+            i_h = (e // W) % H
+            i_q = tl.load(rows_ptr + e // (W * H), mask=m_row, other=0)
+            pos_q = tl.load(pos_ptr + i_q, mask=m_row, other=0)
+            b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                          mask=m_row[:, None] & m_d[None, :], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            m_i, l_i, acc = _kv_step(b_q, b_k, b_v, pos_k, pos_q, m_row, m_i, l_i, acc, scale_log2,
+                                     softcap, window, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+            for i_sub in range(1, MOBA_B // BLOCK_N):
+                pos_k2 = j * MOBA_B + i_sub * BLOCK_N + o_n
+                m_k2 = pos_k2 <= last
+                i_page2 = tl.load(p_bt + pos_k2 // PAGE, mask=m_k2, other=0).to(tl.int64)
+                i_slot2 = (pos_k2 % PAGE).to(tl.int64)
+                m_kd2 = m_k2[:, None] & m_d[None, :]
+                b_k2 = tl.load(k_ptr + i_page2[:, None] * stride_kp + i_slot2[:, None] * stride_ks
+                               + i_hk * stride_kh + o_d[None, :], mask=m_kd2, other=0.0)
+                b_v2 = tl.load(v_ptr + i_page2[:, None] * stride_vp + i_slot2[:, None] * stride_vs
+                               + i_hk * stride_vh + o_d[None, :], mask=m_kd2, other=0.0)
+                m_i, l_i, acc = _kv_step(b_q, b_k2, b_v2, pos_k2, pos_q, m_row, m_i, l_i, acc, scale_log2,
+                                         softcap, window, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            b_o = acc / l_safe[:, None]
+            tl.store(po_ptr + e[:, None] * D + o_d[None, :], b_o.to(po_ptr.dtype.element_ty),
+                     mask=m_row[:, None] & m_d[None, :])
+            tl.store(plse_ptr + e, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=m_row)
+
+
+@triton.jit
+def _merge_kernel(
+    member_ptr,     # [T, H, W] int32
+    rows_ptr,       # [NR] int64
+    po_ptr,         # [NR * H * W, D] partial outputs
+    plse_ptr,       # [NR * H * W] float32
+    o_ptr,          # [T, H, D]
+    stride_mt, stride_mh, stride_ot, stride_oh,
+    H: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One pass row x one head: fold its partials by their log2-sum-exp."""
+    i_r = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_q = tl.load(rows_ptr + i_r)
+    o_w = tl.arange(0, W_POW2)
+    o_d = tl.arange(0, BLOCK_D)
+    j = tl.load(member_ptr + i_q * stride_mt + i_h * stride_mh + o_w, mask=o_w < W, other=SENTINEL_K)
+    m_w = j != SENTINEL_K
+    e = (i_r * H + i_h).to(tl.int64) * W + o_w
+    lse = tl.load(plse_ptr + e, mask=m_w, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wgt = tl.exp2(lse - m_safe)
+    b_o = tl.load(po_ptr + e[:, None] * D + o_d[None, :], mask=m_w[:, None] & (o_d[None, :] < D), other=0.0)
+    tot = tl.sum(wgt, axis=0)
+    res = tl.sum(wgt[:, None] * b_o.to(tl.float32), axis=0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(o_ptr + i_q * stride_ot + i_h * stride_oh + o_d, res.to(o_ptr.dtype.element_ty), mask=o_d < D)
+
+
+def _spans(tiles: TileSet, span_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive kernel tiles of one request merged into spans of at most `span_tokens` tokens:
+    [(request, first q row, tokens, first position)] (one host read of the tile arrays)."""
+    req, q0, length, pos0 = torch.stack([tiles.req, tiles.q0, tiles.length, tiles.pos0]).cpu().tolist()
+    spans: list[list[int]] = []
+    for r, a, n, p in zip(req, q0, length, pos0):
+        s = spans[-1] if spans else None
+        if s is not None and s[0] == r and s[1] + s[2] == a and s[3] + s[2] == p and s[2] + n <= span_tokens:
+            s[2] += n
+        else:
+            spans.append([r, a, n, p])
+    return [tuple(s) for s in spans]
+
+
+def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, out, *, block_size,
+                      scale, softcap=0.0, window=-1, num_visible_blocks) -> torch.Tensor:
+    """Sparse paged prefill in `token` mode, organised by KV block.
+
+    q: [T, H, D]; k_cache, v_cache: [N, P, HK, D]; block_table: [R, max_pages] int32;
+    token_pos: [T] int32 positions; tiles: the plan's prefill TileSet; sel.member_blocks:
+    [T, H, W] int32 each member's ascending picks (SENTINEL-padded); out: [T, H, D], written for
+    the tiles' tokens. Spans run in passes whose partials fit PARTIAL_BUDGET_BYTES.
+    """
+    check_attn_inputs(q, k_cache, v_cache, block_table, out)
+    member = sel.member_blocks
+    check(member is not None and member.dim() == 3 and member.shape[:2] == q.shape[:2],
+          "token prefill needs member_blocks [T, H, W]")
+    if tiles.num == 0:
+        return out
+    T, H, D = q.shape
+    HK = k_cache.shape[2]
+    P = k_cache.shape[1]
+    W = member.shape[2]
+    nbv = max(int(num_visible_blocks), 1)
+    dev = q.device
+    part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    per_token = H * W * (D * part_dtype.itemsize + 4)
+    D_pow2 = next_pow2(max(D, 16))
+    block_m = TOKEN_BLOCK_M
+    block_n = min(block_size, 128 if D_pow2 <= 128 else 64)
+    if q.element_size() == 4:
+        block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
+    spans = _spans(tiles, SPAN_TOKENS)
+    # every pass's index arrays in one host-to-device copy (a copy from pageable host memory
+    # waits for the stream, so none is made inside the pass loop)
+    lens = torch.tensor([n for _, _, n, _ in spans])
+    host = torch.cat([torch.cat([torch.arange(a, a + n) for _, a, n, _ in spans]),
+                      torch.repeat_interleave(torch.arange(len(spans)), lens),
+                      torch.tensor([r for r, _, _, _ in spans]),
+                      torch.tensor([p + n - 1 for _, _, n, p in spans])]).to(dev)
+    n_rows = int(lens.sum())
+    all_rows = host[:n_rows]
+    all_row_span = host[n_rows:2 * n_rows].int()
+    span_req = host[2 * n_rows:2 * n_rows + len(spans)].int()
+    span_last = host[2 * n_rows + len(spans):].int()
+    row0 = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).tolist()
+
+    passes, i = [], 0
+    while i < len(spans):
+        s0, tokens = i, 0
+        while i < len(spans) and (i == s0 or (tokens + spans[i][2]) * per_token <= PARTIAL_BUDGET_BYTES):
+            tokens += spans[i][2]
+            i += 1
+        passes.append((s0, i))
+    max_spans = max(s1 - s0 for s0, s1 in passes)
+    max_tokens = max(row0[s1] - row0[s0] for s0, s1 in passes)
+    cnt_all = torch.empty(max_spans * HK * nbv, dtype=torch.int32, device=dev)
+    cur_all = torch.empty_like(cnt_all)
+    bucket = torch.empty(max_tokens * H * W, dtype=torch.int32, device=dev)
+    po = torch.empty(max_tokens * H * W, D, dtype=part_dtype, device=dev)
+    plse = torch.empty(max_tokens * H * W, dtype=torch.float32, device=dev)
+    common = dict(H=H, HK=HK, W=W)
+    for s0, s1 in passes:
+        ns, tokens = s1 - s0, row0[s1] - row0[s0]
+        rows = all_rows[row0[s0]:row0[s1]]
+        row_span = all_row_span[row0[s0]:row0[s1]] - s0
+        nkeys = ns * HK * nbv
+        cnt, cur = cnt_all[:nkeys].zero_(), cur_all[:nkeys].zero_()
+        _bucket_kernel[(tokens, H)](member, rows, row_span, cnt, cnt, cnt, nbv, member.stride(0),
+                                    member.stride(1), W_POW2=next_pow2(W), FILL=False, **common)
+        off = torch.cumsum(cnt, 0, dtype=torch.int64) - cnt
+        _bucket_kernel[(tokens, H)](member, rows, row_span, cur, off, bucket, nbv, member.stride(0),
+                                    member.stride(1), W_POW2=next_pow2(W), FILL=True, **common)
+        _block_attn_kernel[(nkeys, BUCKET_SPLITS)](
+            q, k_cache, v_cache, block_table, token_pos, rows, span_req[s0:s1], span_last[s0:s1],
+            cnt, off, bucket, po, plse, nbv,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_table.stride(0), scale * LOG2E, float(softcap), int(window),
+            D=D, BLOCK_D=D_pow2, MOBA_B=block_size, PAGE=P, BLOCK_M=block_m, BLOCK_N=block_n,
+            SPLITS=BUCKET_SPLITS,
+            HAS_SOFTCAP=softcap > 0, HAS_WINDOW=window > 0, IEEE_DOT=q.dtype == torch.float32,
+            num_warps=TOKEN_NUM_WARPS, num_stages=TOKEN_NUM_STAGES, **common,
+        )
+        _merge_kernel[(tokens, H)](member, rows, po, plse, out, member.stride(0), member.stride(1),
+                                   out.stride(0), out.stride(1), W_POW2=next_pow2(W), D=D,
+                                   BLOCK_D=D_pow2, num_warps=4, H=H, W=W)
     return out

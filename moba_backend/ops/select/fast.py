@@ -5,7 +5,9 @@ score) is torch on whichever device the tensors live. Output (`Selection`):
 - `tile_blocks [NT, HK, LW]` int32: each kernel tile's blocks, ascending, SENTINEL-padded;
   `tile_nblocks [NT, HK]` how many are real. Tiles are numbered prefill first, then decode.
 - `member_blocks [T, H, W]` int32 (`token` mode only): each query head's own blocks, ascending,
-  SENTINEL-padded; a tile's program masks out the blocks a member did not choose.
+  SENTINEL-padded; a tile's program masks out the blocks a member did not choose. The device
+  path leaves `token` prefill tiles' lists empty: their kernel, organised by KV block, reads the
+  member lists alone.
 
 Score convention: forced blocks score +inf, blocks past the group's last block -inf, so one
 top-k of `n` per member takes the forced blocks and then the best candidates.
@@ -126,6 +128,8 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
             g = triton_impl.group_scores_fwd(q, summary_cache, plan, p.gate, p.sink_blocks, p.scale)
             return _shared_lists(g, plan, k, nbv, HK)
         scorer = triton_impl.triton_scorer(p.gate)
+    if backend == "triton" and p.mode in ("token", "union"):
+        return _member_select_triton(q, summary_cache, plan, p, scorer, k, nbv)
     if scorer is None:
         num_blocks = (plan.seq_lens.long() // p.block_size)
         summaries = read_block_summaries(summary_cache, plan.block_table, num_blocks, p.block_size,
@@ -182,6 +186,36 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
     return Selection(lists[plan.tile_group].contiguous(), counts[plan.tile_group].contiguous(), None)
 
 
+def _member_select_triton(q, summary_cache, plan: MobaPlan, p: SelectParams, scorer: Callable, k: int,
+                          nbv: int) -> Selection:
+    """`token` / `union` selection on the device: scores by chunk, then one kernel per chunk
+    takes each member's n blocks (`triton_impl.member_topk_fwd`) and marks the union.
+
+    In `token` mode prefill tiles get empty lists: their kernel (`token_prefill_fwd`) reads the
+    member lists only, so the unions are kept for decode tiles alone."""
+    from moba_backend.ops.select import triton_impl
+
+    T, H, _ = q.shape
+    HK = summary_cache.shape[3]
+    token = p.mode == "token"
+    n_pre = plan.prefill.num
+    rows = plan.token_tile - n_pre if token else plan.token_group
+    acc = torch.zeros(plan.decode.num if token else plan.num_groups, HK, nbv, dtype=torch.int8, device=q.device)
+    members = torch.full((T, H, k), SENTINEL, dtype=torch.int32, device=q.device) if token else None
+    chunk = max(1, SCORE_BUDGET_BYTES // (H * nbv * 4))
+    for lo in range(0, T, chunk):
+        hi = min(T, lo + chunk)
+        s = scorer(q, summary_cache, plan, lo, hi, nbv)
+        triton_impl.member_topk_fwd(s, plan, lo, hi, p.sink_blocks, rows, acc, members)
+    lists, counts = _lists_from_mask(acc.bool())
+    if token:
+        lists = torch.cat([torch.full((n_pre, HK, lists.shape[2]), SENTINEL, dtype=lists.dtype, device=q.device),
+                           lists])
+        counts = torch.cat([torch.zeros(n_pre, HK, dtype=counts.dtype, device=q.device), counts])
+        return Selection(lists, counts, members)
+    return Selection(lists[plan.tile_group].contiguous(), counts[plan.tile_group].contiguous(), None)
+
+
 def _shared_lists(g: torch.Tensor, plan: MobaPlan, k: int, nbv: int, HK: int) -> Selection:
     """Group scores [NG, HK, NBV] (forced +inf, invalid -inf) -> each group's top n, as tile lists."""
     top = g.topk(min(k, nbv), dim=-1).indices
@@ -193,16 +227,16 @@ def _shared_lists(g: torch.Tensor, plan: MobaPlan, k: int, nbv: int, HK: int) ->
 
 
 def selection_mask(sel: Selection, plan: MobaPlan, num_heads: int) -> torch.Tensor:
-    """The dense mask [T, H, NBV] a Selection stands for (for tests and the quality harness)."""
+    """The dense mask [T, H, NBV] a Selection stands for (for tests and the quality harness).
+    With member lists (`token` mode) those alone say it: a tile's list is their union."""
     nbv = max(plan.num_visible_blocks, 1)
+    if sel.member_blocks is not None:
+        mem = torch.zeros(plan.num_tokens, num_heads, nbv + 1, dtype=torch.bool, device=sel.member_blocks.device)
+        mem.scatter_(2, sel.member_blocks.long().clamp(max=nbv), True)
+        return mem[..., :nbv]
     NT, HK, LW = sel.tile_blocks.shape
     G = num_heads // HK
     valid = torch.arange(LW, device=sel.tile_blocks.device)[None, None, :] < sel.tile_nblocks[..., None]
     tile_mask = torch.zeros(NT, HK, nbv + 1, dtype=torch.bool, device=sel.tile_blocks.device)
     tile_mask.scatter_(2, torch.where(valid, sel.tile_blocks.long(), nbv).clamp(max=nbv), True)
-    mask = tile_mask[plan.token_tile][:, torch.arange(num_heads) // G, :nbv]   # [T, H, NBV]
-    if sel.member_blocks is not None:
-        mem = torch.zeros(plan.num_tokens, num_heads, nbv + 1, dtype=torch.bool, device=mask.device)
-        mem.scatter_(2, sel.member_blocks.long().clamp(max=nbv), True)
-        mask = mask & mem[..., :nbv]
-    return mask
+    return tile_mask[plan.token_tile][:, torch.arange(num_heads) // G, :nbv]   # [T, H, NBV]

@@ -559,3 +559,111 @@ def decode_select_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPl
             num_warps=4,
         )
     return Selection(blocks, nblocks, members if p.mode == "token" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-member top-k (`token` and `union` prefill): raw scores -> each member's n blocks.
+# ---------------------------------------------------------------------------------------------
+
+# scores one program holds (members x blocks) and its warps (H100, 128K tokens, 1024 blocks:
+# 1024 x 2 warps 41.1 ms, 2048 x 2 45.1 ms, 4096 x 4 51.7 ms; `benchmarks/tune_attention.py`)
+TOPK_ELEMS = 1024
+TOPK_NUM_WARPS = 2
+
+
+@triton.jit
+def _member_topk_kernel(
+    s_ptr,          # [t_hi - t_lo, H, NBV] float32 raw scores of the tokens [t_lo, t_hi)
+    tok_group_ptr,  # [T] int64
+    acc_row_ptr,    # [T] int64 row of each token in acc (its kernel tile or group; < 0: none)
+    g_c1_ptr, g_flo_ptr, g_n_ptr,             # [NG] int32
+    member_ptr,     # [T, H, W] int32 out (MEMBERS): ascending picks; entries past n untouched
+    acc_ptr,        # [NA, HK, NBV] int8 out: 1 where some member of the row picks the block
+    t_lo, t_hi, NBV, sink,
+    stride_st, stride_sh,
+    stride_mt, stride_mh,
+    stride_at, stride_ah,
+    H: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    MEMBERS: tl.constexpr,
+):
+    """BLOCK_R members (row r: token r // H, head r % H) each take their forced blocks plus the
+    highest-scoring candidates, n in all, found exactly: a bisection over the scores' order-
+    preserving int32 keys finds the n-th largest key, ties at it go to the lower block index."""
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i_tok = t_lo + o_r // H
+    m_r = i_tok < t_hi
+    i_h = o_r % H
+    i_grp = tl.load(tok_group_ptr + i_tok, mask=m_r, other=0)
+    c1 = tl.load(g_c1_ptr + i_grp, mask=m_r, other=-1)
+    flo = tl.load(g_flo_ptr + i_grp, mask=m_r, other=0)
+    n_sel = tl.load(g_n_ptr + i_grp, mask=m_r, other=0)
+    o_j = tl.arange(0, BLOCK_J)
+    visible = (o_j[None, :] <= c1[:, None]) & (o_j[None, :] < NBV)
+    forced = visible & ((o_j[None, :] < sink) | (o_j[None, :] >= flo[:, None]))
+    p_s = s_ptr + (i_tok - t_lo).to(tl.int64)[:, None] * stride_st + i_h[:, None] * stride_sh + o_j[None, :]
+    b_s = tl.load(p_s, mask=visible & ~forced, other=0.0)
+    # order-preserving int32 key of a float32: flip the magnitude bits of negatives
+    bits = b_s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(forced, 0x7FFFFFFF, key)
+    key = tl.where(visible, key, -0x7FFFFFFF - 1)
+    n_vis = tl.sum(visible.to(tl.int32), axis=1)
+    n_take = tl.minimum(n_sel, n_vis)
+    # largest lo with count(key >= lo) >= n_take: the n_take-th largest key. The bounds are
+    # int64 (hi starts at 2^31); every mid lies in [lo, hi) and fits int32, so the per-block
+    # compares stay 32-bit.
+    # The search stops early once every row's count at lo is exactly n_take (distinct scores
+    # get there in about half the 32 halvings); lo is then a threshold, not always a key.
+    lo = tl.full([BLOCK_R], -2147483648, dtype=tl.int64)
+    hi = tl.full([BLOCK_R], 2147483648, dtype=tl.int64)
+    cnt_lo = tl.full([BLOCK_R], BLOCK_J, dtype=tl.int32)
+    n_open = tl.sum(tl.full([BLOCK_R], 1, dtype=tl.int32), axis=0)
+    it = 0
+    while (it < 32) & (n_open > 0):
+        mid = (lo + hi) // 2
+        cnt = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        ok = cnt >= n_take
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+        cnt_lo = tl.where(ok, cnt, cnt_lo)
+        n_open = tl.sum(((cnt_lo != n_take) & (hi - lo > 1)).to(tl.int32), axis=0)
+        it += 1
+    kth = lo.to(tl.int32)
+    above = key > kth[:, None]
+    tie = (key == kth[:, None]) & visible
+    need = n_take - tl.sum(above.to(tl.int32), axis=1)
+    take = visible & (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None])))
+    take = take & (n_take > 0)[:, None]
+    if MEMBERS:
+        slot = tl.cumsum(take.to(tl.int32), axis=1) - 1
+        p_m = member_ptr + i_tok.to(tl.int64)[:, None] * stride_mt + i_h[:, None] * stride_mh + slot
+        tl.store(p_m, o_j[None, :] + tl.zeros_like(slot), mask=take)
+    i_acc = tl.load(acc_row_ptr + i_tok, mask=m_r, other=-1)
+    p_a = acc_ptr + i_acc[:, None] * stride_at + (i_h // G)[:, None] * stride_ah + o_j[None, :]
+    tl.store(p_a, tl.full([BLOCK_R, BLOCK_J], 1, dtype=tl.int8), mask=take & (i_acc >= 0)[:, None])
+
+
+def member_topk_fwd(scores: torch.Tensor, plan: MobaPlan, t_lo: int, t_hi: int, sink: int,
+                    acc_rows: torch.Tensor, acc: torch.Tensor, members: torch.Tensor | None) -> None:
+    """Each member of the tokens [t_lo, t_hi) picks its n blocks (`plan.group_n`, forced first).
+
+    scores: [t_hi - t_lo, H, NBV] float32 raw gate scores; acc_rows: [T] int64 row of acc per
+    token (< 0: not marked); acc: [NA, HK, NBV] int8, set to 1 at every pick; members:
+    [T, H, W] int32 or None,
+    each member's picks written ascending into its first n entries.
+    """
+    n, H, nbv = scores.shape
+    HK = acc.shape[1]
+    if n == 0:
+        return
+    block_j = next_pow2(max(nbv, 16))
+    block_r = max(1, min(16, TOPK_ELEMS // block_j))
+    mem = members if members is not None else acc
+    grid = (triton.cdiv(n * H, block_r),)
+    _member_topk_kernel[grid](
+        scores, plan.token_group, acc_rows, plan.group_c1, plan.group_flo, plan.group_n, mem, acc,
+        t_lo, t_hi, nbv, int(sink),
+        scores.stride(0), scores.stride(1), mem.stride(0), mem.stride(1), acc.stride(0), acc.stride(1),
+        H=H, G=H // HK, BLOCK_R=block_r, BLOCK_J=block_j, MEMBERS=members is not None,
+        num_warps=TOPK_NUM_WARPS,
+    )
