@@ -108,8 +108,10 @@ def tokens_per_tile_for(num_heads: int, num_kv_heads: int, mode: str, query_tile
                         head_dim: int | None = None) -> tuple[int, int]:
     """(tokens per prefill kernel tile, rows of one program). Rows pack tokens x GQA group.
 
-    `token` mode runs each tile over the union of its members' blocks, so its tiles are kept
-    small (64 rows); `union` and `shared` tiles share one list and take 256 rows when the head
+    `token` mode keeps small tiles (64 rows): its prefill kernel merges consecutive tiles into
+    spans (`token_prefill_fwd`), and the tile kernel, which runs each tile over the union of its
+    members' blocks, is left for decode; `union` and `shared` tiles share one list and take 256
+    rows when the head
     dim is known to be at most 128 (fastest on an H100 at 128K tokens,
     `benchmarks/tune_attention.py`: 38.9 ms against 44.1 ms at 128 rows), else 128.
     """

@@ -7,6 +7,9 @@ every K/V tile is loaded once for all query heads of the group. The loop runs ov
 selected blocks, `BLOCK_N` keys at a time, pages found through the block table per key row (a
 MoBA block may span pages and a page may hold several blocks). In `token` mode each row keeps a
 pointer into its own ascending block list and masks the blocks it did not choose.
+
+`token` prefill runs instead on `token_prefill_fwd` (below), organised by KV block: the union of
+a tile's per-token picks is close to every block, so walking it costs more than dense attention.
 """
 
 from __future__ import annotations
@@ -531,7 +534,8 @@ def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, o
     block_n = min(block_size, 128 if D_pow2 <= 128 else 64)
     if q.element_size() == 4:
         block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
-    spans = _spans(tiles, SPAN_TOKENS)
+    # a span never holds more partials than the budget (wide lists, many heads: shorter spans)
+    spans = _spans(tiles, max(1, min(SPAN_TOKENS, PARTIAL_BUDGET_BYTES // per_token)))
     # every pass's index arrays in one host-to-device copy (a copy from pageable host memory
     # waits for the stream, so none is made inside the pass loop)
     lens = torch.tensor([n for _, _, n, _ in spans])
