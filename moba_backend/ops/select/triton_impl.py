@@ -565,8 +565,10 @@ def decode_select_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPl
 # Per-member top-k (`token` and `union` prefill): raw scores -> each member's n blocks.
 # ---------------------------------------------------------------------------------------------
 
-# scores one program holds (members x blocks) and its warps (H100, 128K tokens, 1024 blocks:
-# 1024 x 2 warps 41.1 ms, 2048 x 2 45.1 ms, 4096 x 4 51.7 ms; `benchmarks/tune_attention.py`)
+# scores one program holds (members x blocks) and its warps, doubled past 1024 blocks (H100,
+# `benchmarks/tune_attention.py --only token`, whole selection: 128K tokens, 1024 blocks:
+# 1024 x 2 warps 41.1 ms, 2048 x 2 45.1 ms, 4096 x 4 51.7 ms; 512K, 4096 blocks: 2 warps
+# 945 ms, 4 warps 766 ms, 8 warps 884 ms)
 TOPK_ELEMS = 1024
 TOPK_NUM_WARPS = 2
 
@@ -665,5 +667,5 @@ def member_topk_fwd(scores: torch.Tensor, plan: MobaPlan, t_lo: int, t_hi: int, 
         t_lo, t_hi, nbv, int(sink),
         scores.stride(0), scores.stride(1), mem.stride(0), mem.stride(1), acc.stride(0), acc.stride(1),
         H=H, G=H // HK, BLOCK_R=block_r, BLOCK_J=block_j, MEMBERS=members is not None,
-        num_warps=TOPK_NUM_WARPS,
+        num_warps=TOPK_NUM_WARPS if block_j <= 1024 else 2 * TOPK_NUM_WARPS,
     )
