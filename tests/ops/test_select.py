@@ -224,3 +224,41 @@ def test_member_topk_exact_n_under_ties(mode):
         assert torch.equal(cand_taken, first & ~forced[:, None, :])
     else:
         assert (got | ~forced[:, None, :]).all()
+
+
+@requires_triton
+@pytest.mark.parametrize("rounding", [None, 1.0], ids=["distinct", "many_ties"])
+def test_member_topk_kernel_matches_sorted_reference(rounding):
+    """The top-k kernel on given scores against a stable sort: forced blocks, then candidates by
+    score descending, ties to the lower block index."""
+    from moba_backend.ops.common import SENTINEL
+    from moba_backend.ops.select import triton_impl
+
+    dev = kernel_device()
+    cfg = moba_cfg(moba_gate="mean", moba_tile_select="token")
+    b = make_batch([(600, 260, False), (130, 1, True)], H=4, HK=2, D=32, P=16)
+    plan = b.plan(cfg, device=dev)
+    T, nbv = plan.num_tokens, plan.num_visible_blocks
+    s = torch.randn(T, 4, nbv) * 3
+    if rounding:
+        s = torch.round(s / rounding) * rounding
+        s[..., 1::5] = -0.0   # equal to 0.0 as a value, not as bits
+        s[..., 3::5] = 0.0
+    k = plan.max_select
+    members = torch.full((T, 4, k), SENTINEL, dtype=torch.int32, device=dev)
+    acc = torch.zeros(plan.num_tiles, 2, nbv, dtype=torch.int8, device=dev)
+    triton_impl.member_topk_fwd(s.to(dev), plan, 0, T, 1, plan.token_tile, acc, members)
+    grp = plan.token_group.cpu()
+    c1, flo, n = (plan.group_c1.cpu()[grp].long(), plan.group_flo.cpu()[grp].long(),
+                  plan.group_n.cpu()[grp].long())
+    j = torch.arange(nbv)
+    for t in range(T):
+        visible = j <= c1[t]
+        forced = visible & ((j < 1) | (j >= flo[t]))
+        cand = visible & ~forced
+        for h in range(4):
+            order = torch.argsort(torch.where(cand, -s[t, h], float("inf")), stable=True)
+            take = int(min(n[t], visible.sum())) - int(forced.sum())
+            want = sorted(j[forced].tolist() + order[:max(take, 0)].tolist())
+            got = [x for x in members[t, h].cpu().tolist() if x != SENTINEL]
+            assert got == want, (t, h)

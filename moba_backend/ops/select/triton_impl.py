@@ -604,6 +604,8 @@ def _member_topk_kernel(
     forced = visible & ((o_j[None, :] < sink) | (o_j[None, :] >= flo[:, None]))
     p_s = s_ptr + (i_tok - t_lo).to(tl.int64)[:, None] * stride_st + i_h[:, None] * stride_sh + o_j[None, :]
     b_s = tl.load(p_s, mask=visible & ~forced, other=0.0)
+    # -0.0 as +0.0: equal as values, so a tie (broken by block index), not two keys
+    b_s = tl.where(b_s == 0.0, 0.0, b_s)
     # order-preserving int32 key of a float32: flip the magnitude bits of negatives
     bits = b_s.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
