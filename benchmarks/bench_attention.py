@@ -349,7 +349,8 @@ def selection_work(sel: Selection, plan: MobaPlan, H: int) -> tuple[int, int, in
     selected: sum over (token t, query head h) of the keys <= t in the blocks h attends;
     union: the same over the blocks of the token's kernel-tile list (what the kernel loops over:
     for `token` decode this includes the blocks a member masks out; `token` prefill, organised
-    by KV block, computes the selected pairs only); KV tokens: union pairs counted
+    by KV block, computes the selected pairs only: in a step of `token` prefills, union = selected,
+    so mixed prefill + decode steps are not reported right); KV tokens: union pairs counted
     once per KV head (what a decode token's program reads)."""
     T = plan.num_tokens
     B = plan.block_size

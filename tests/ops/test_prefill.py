@@ -43,6 +43,11 @@ def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4,
     else:
         token_prefill_fwd(*args, plan.token_pos, plan.prefill, sel, out,
                           num_visible_blocks=plan.num_visible_blocks, **common)
+        # a second layer of the same step reuses the spans kept on the plan's tiles
+        again = torch.full_like(out, float("nan"))
+        token_prefill_fwd(*args, plan.token_pos, plan.prefill, sel, again,
+                          num_visible_blocks=plan.num_visible_blocks, **common)
+        assert torch.equal(again, out)
     assert_close(out.cpu(), ref, tol, f"prefill[{kernel}]")
 
 

@@ -316,7 +316,8 @@ BUCKET_SPLITS = 2
 TOKEN_BLOCK_M = 64
 TOKEN_NUM_WARPS = 4
 TOKEN_NUM_STAGES = 2
-# upper bound of one pass's partial outputs (tokens x H x W x (D x element + 4) bytes)
+# about the most one pass's partials take (tokens x H x W x (D x element + 8) bytes); spans are
+# cut no shorter than one kernel tile
 PARTIAL_BUDGET_BYTES = 512 << 20
 
 
@@ -506,6 +507,39 @@ def _spans(tiles: TileSet, span_tokens: int) -> list[tuple[int, int, int, int]]:
     return [tuple(s) for s in spans]
 
 
+def _span_passes(tiles: TileSet, per_token: int, budget: int, dev):
+    """Spans and passes of a prefill TileSet: (q row of each span row [NR] int64, span of each
+    row [NR] int32, request [NS] int32 and last position [NS] int32 of each span, first row of
+    each span (host list), passes as (first span, end span) host pairs). Made once per plan (one
+    host read of the tiles) and kept on the TileSet, which every layer of the step shares."""
+    # about the budget: a span is cut no shorter than one kernel tile
+    span_tokens = max(1, min(SPAN_TOKENS, budget // per_token))
+    key = (span_tokens, per_token, budget, str(dev))
+    cache = tiles.__dict__.setdefault("_token_spans", {})
+    if key in cache:
+        return cache[key]
+    spans = _spans(tiles, span_tokens)
+    # every pass's index arrays in one host-to-device copy (a copy from pageable host memory
+    # waits for the stream, so none is made inside the pass loop)
+    lens = torch.tensor([n for _, _, n, _ in spans])
+    host = torch.cat([torch.cat([torch.arange(a, a + n) for _, a, n, _ in spans]),
+                      torch.repeat_interleave(torch.arange(len(spans)), lens),
+                      torch.tensor([r for r, _, _, _ in spans]),
+                      torch.tensor([p + n - 1 for _, _, n, p in spans])]).to(dev)
+    n_rows = int(lens.sum())
+    row0 = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).tolist()
+    passes, i = [], 0
+    while i < len(spans):
+        s0, tokens = i, 0
+        while i < len(spans) and (i == s0 or (tokens + spans[i][2]) * per_token <= budget):
+            tokens += spans[i][2]
+            i += 1
+        passes.append((s0, i))
+    cache[key] = (host[:n_rows], host[n_rows:2 * n_rows].int(), host[2 * n_rows:2 * n_rows + len(spans)].int(),
+                  host[2 * n_rows + len(spans):].int(), row0, passes)
+    return cache[key]
+
+
 def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, out, *, block_size,
                       scale, softcap=0.0, window=-1, num_visible_blocks) -> torch.Tensor:
     """Sparse paged prefill in `token` mode, organised by KV block.
@@ -517,8 +551,11 @@ def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, o
     """
     check_attn_inputs(q, k_cache, v_cache, block_table, out)
     member = sel.member_blocks
-    check(member is not None and member.dim() == 3 and member.shape[:2] == q.shape[:2],
-          "token prefill needs member_blocks [T, H, W]")
+    check(member is not None and member.dim() == 3 and member.shape[:2] == q.shape[:2]
+          and member.dtype == torch.int32 and member.stride(-1) == 1,
+          "token prefill needs member_blocks [T, H, W] int32 with a contiguous last dim")
+    check(token_pos.dtype == torch.int32 and token_pos.shape[0] >= q.shape[0],
+          "token_pos must be int32 [T]")
     if tiles.num == 0:
         return out
     T, H, D = q.shape
@@ -528,35 +565,15 @@ def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, o
     nbv = max(int(num_visible_blocks), 1)
     dev = q.device
     part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-    per_token = H * W * (D * part_dtype.itemsize + 4)
+    # partial output + log-sum-exp + bucket entry per pick
+    per_token = H * W * (D * part_dtype.itemsize + 8)
     D_pow2 = next_pow2(max(D, 16))
     block_m = TOKEN_BLOCK_M
     block_n = min(block_size, 128 if D_pow2 <= 128 else 64)
     if q.element_size() == 4:
         block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
-    # a span never holds more partials than the budget (wide lists, many heads: shorter spans)
-    spans = _spans(tiles, max(1, min(SPAN_TOKENS, PARTIAL_BUDGET_BYTES // per_token)))
-    # every pass's index arrays in one host-to-device copy (a copy from pageable host memory
-    # waits for the stream, so none is made inside the pass loop)
-    lens = torch.tensor([n for _, _, n, _ in spans])
-    host = torch.cat([torch.cat([torch.arange(a, a + n) for _, a, n, _ in spans]),
-                      torch.repeat_interleave(torch.arange(len(spans)), lens),
-                      torch.tensor([r for r, _, _, _ in spans]),
-                      torch.tensor([p + n - 1 for _, _, n, p in spans])]).to(dev)
-    n_rows = int(lens.sum())
-    all_rows = host[:n_rows]
-    all_row_span = host[n_rows:2 * n_rows].int()
-    span_req = host[2 * n_rows:2 * n_rows + len(spans)].int()
-    span_last = host[2 * n_rows + len(spans):].int()
-    row0 = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).tolist()
-
-    passes, i = [], 0
-    while i < len(spans):
-        s0, tokens = i, 0
-        while i < len(spans) and (i == s0 or (tokens + spans[i][2]) * per_token <= PARTIAL_BUDGET_BYTES):
-            tokens += spans[i][2]
-            i += 1
-        passes.append((s0, i))
+    all_rows, all_row_span, span_req, span_last, row0, passes = _span_passes(
+        tiles, per_token, PARTIAL_BUDGET_BYTES, dev)
     max_spans = max(s1 - s0 for s0, s1 in passes)
     max_tokens = max(row0[s1] - row0[s0] for s0, s1 in passes)
     cnt_all = torch.empty(max_spans * HK * nbv, dtype=torch.int32, device=dev)

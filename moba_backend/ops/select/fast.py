@@ -1,7 +1,8 @@
 """Selection for the fast paths: gate scores -> compact block lists the attention kernels read.
 
-Scores come from `torch` (CPU path) or the Triton gate kernel; the rest (top-k, union, group
-score) is torch on whichever device the tensors live. Output (`Selection`):
+Scores come from `torch` (CPU path) or the Triton gate kernel. The torch path takes top-k,
+unions and group scores with torch ops; the Triton path fuses `shared` group scores, takes each
+member's top-k in one kernel (`token`, `union`) and fuses decode-only steps. Output (`Selection`):
 - `tile_blocks [NT, HK, LW]` int32: each kernel tile's blocks, ascending, SENTINEL-padded;
   `tile_nblocks [NT, HK]` how many are real. Tiles are numbered prefill first, then decode.
 - `member_blocks [T, H, W]` int32 (`token` mode only): each query head's own blocks, ascending,
@@ -107,8 +108,8 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
     """Select blocks for every token of the step.
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D]. backend `torch` scores with torch ops,
-    `triton` with the Triton kernels (fused group scores in `shared` mode, fused top-k for
-    decode-only steps). `scorer(q, summary_cache, plan, t_lo, t_hi, nbv)`, when given, supplies
+    `triton` with the Triton kernels (fused group scores in `shared` mode, a per-member top-k
+    kernel in `token`/`union` mode, fused selection for decode-only steps). `scorer(q, summary_cache, plan, t_lo, t_hi, nbv)`, when given, supplies
     the raw scores [t_hi - t_lo, H, NBV] float32 instead (a custom gate, such as an oracle).
     """
     HK = summary_cache.shape[3]
@@ -205,7 +206,7 @@ def _member_select_triton(q, summary_cache, plan: MobaPlan, p: SelectParams, sco
     chunk = max(1, SCORE_BUDGET_BYTES // (H * nbv * 4))
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)
-        s = scorer(q, summary_cache, plan, lo, hi, nbv)
+        s = scorer(q, summary_cache, plan, lo, hi, nbv).float().contiguous()
         triton_impl.member_topk_fwd(s, plan, lo, hi, p.sink_blocks, rows, acc, members)
     lists, counts = _lists_from_mask(acc.bool())
     if token:

@@ -614,8 +614,8 @@ def _member_topk_kernel(
     n_vis = tl.sum(visible.to(tl.int32), axis=1)
     n_take = tl.minimum(n_sel, n_vis)
     # largest lo with count(key >= lo) >= n_take: the n_take-th largest key. The bounds are
-    # int64 (hi starts at 2^31); every mid lies in [lo, hi) and fits int32, so the per-block
-    # compares stay 32-bit.
+    # int64 (hi starts at 2^31); every mid fits int32 (it lies between lo and hi, and equals hi
+    # only for rows already done), so the per-block compares stay 32-bit.
     # The search stops early once every row's count at lo is exactly n_take (distinct scores
     # get there in about half the 32 halvings); lo is then a threshold, not always a key.
     lo = tl.full([BLOCK_R], -2147483648, dtype=tl.int64)
@@ -649,7 +649,8 @@ def _member_topk_kernel(
 
 def member_topk_fwd(scores: torch.Tensor, plan: MobaPlan, t_lo: int, t_hi: int, sink: int,
                     acc_rows: torch.Tensor, acc: torch.Tensor, members: torch.Tensor | None) -> None:
-    """Each member of the tokens [t_lo, t_hi) picks its n blocks (`plan.group_n`, forced first).
+    """Each member of the tokens [t_lo, t_hi) picks its n blocks (`plan.group_n`; the forced ones
+    always among them).
 
     scores: [t_hi - t_lo, H, NBV] float32 raw gate scores; acc_rows: [T] int64 row of acc per
     token (< 0: not marked); acc: [NA, HK, NBV] int8, set to 1 at every pick; members:
