@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--gate-block-j", default="32,64,128")
     ap.add_argument("--gate-stages", default="2,3")
     ap.add_argument("--gate-compact", default="0,1", help="group kernels reading the 16-bit compact copy")
+    ap.add_argument("--gate-fused", default="1,0", help="group scores in one launch (1) or two (0)")
     ap.add_argument("--gate-modes", default="shared", help="moba_tile_select values of the gate rows")
     ap.add_argument("--token", default="64:4:2:4:512,128:8:2:4:512,64:4:3:4:512,64:4:2:2:512,64:4:2:4:1024",
                     help="token prefill configs block_m:warps:stages:splits:span_tokens")
@@ -122,14 +123,14 @@ def main() -> None:
             if mode != "shared":
                 continue
             ref = triton_impl.group_scores_fwd(q, sc, plan, "mean", 1, 128 ** -0.5)
-            for bm, bj, w, st, cp in itertools.product(ints(args.gate_block_m), ints(args.gate_block_j),
-                                                       ints(args.warps), ints(args.gate_stages),
-                                                       ints(args.gate_compact)):
-                name = f"block_m={bm} block_j={bj} warps={w} stages={st} compact={cp}"
+            for fu, bm, bj, w, st, cp in itertools.product(
+                    ints(args.gate_fused), ints(args.gate_block_m), ints(args.gate_block_j), ints(args.warps),
+                    ints(args.gate_stages), ints(args.gate_compact)):
+                name = f"fused={fu} block_m={bm} block_j={bj} warps={w} stages={st} compact={cp}"
                 try:
                     fn = lambda: triton_impl.group_scores_fwd(  # noqa: E731
                         q, sc, plan, "mean", 1, 128 ** -0.5, block_m=bm, block_j=bj, num_warps=w,
-                        num_stages=st, compact=bool(cp))
+                        num_stages=st, compact=bool(cp), fused=bool(fu))
                     t = triton.testing.do_bench(fn, return_mode="median")
                     g = fn()
                     k = max(plan.max_select, 1)

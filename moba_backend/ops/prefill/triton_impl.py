@@ -62,36 +62,44 @@ def _attend_blocks(
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
         else:
             b_s = tl.dot(b_q, tl.trans(b_k))
-        if HAS_SOFTCAP:
-            b_s = b_s * (scale_log2 / 1.4426950408889634) / softcap
-            b_s = softcap * (2.0 * tl.sigmoid(2.0 * b_s) - 1.0) * 1.4426950408889634
+        PLAIN: tl.constexpr = not (CAUSAL or HAS_WINDOW or TOKEN_MASK or HAS_SOFTCAP)
+        if PLAIN:
+            # every score is finite (rows past the tile's tokens hold zero queries): the scale
+            # folds into one multiply-add with the running max, and no -inf guard is needed
+            m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
+            b_p = tl.exp2(b_s * scale_log2 - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
         else:
-            b_s = b_s * scale_log2
-        if CAUSAL or HAS_WINDOW or TOKEN_MASK:
-            m_s = m_row[:, None]
-            if CAUSAL:
-                m_s = m_s & (pos_k[None, :] <= pos_q[:, None])
-            if HAS_WINDOW:
-                m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
-            if TOKEN_MASK:
-                cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL_K)
-                m_sel = cur == j
-                m_s = m_s & m_sel[:, None]
-                i_ptr += (m_sel & (i_sub == SUB - 1)).to(tl.int32)
-            b_s = tl.where(m_s, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+            if HAS_SOFTCAP:
+                b_s = b_s * (scale_log2 / 1.4426950408889634) / softcap
+                b_s = softcap * (2.0 * tl.sigmoid(2.0 * b_s) - 1.0) * 1.4426950408889634
+            else:
+                b_s = b_s * scale_log2
+            if CAUSAL or HAS_WINDOW or TOKEN_MASK:
+                m_s = m_row[:, None]
+                if CAUSAL:
+                    m_s = m_s & (pos_k[None, :] <= pos_q[:, None])
+                if HAS_WINDOW:
+                    m_s = m_s & (pos_q[:, None] - pos_k[None, :] < window)
+                if TOKEN_MASK:
+                    cur = tl.load(p_mem + i_ptr, mask=m_row, other=SENTINEL_K)
+                    m_sel = cur == j
+                    m_s = m_s & m_sel[:, None]
+                    i_ptr += (m_sel & (i_sub == SUB - 1)).to(tl.int32)
+                b_s = tl.where(m_s, b_s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            b_p = tl.exp2(b_s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, axis=1)
         if CAUSAL:
             b_v = tl.load(p_v, mask=m_k[:, None] & m_d[None, :], other=0.0)
         else:
             b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
         if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+            acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+            acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i, i_ptr
 
@@ -218,17 +226,19 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
     P = k_cache.shape[1]
     D_pow2 = next_pow2(max(D, 16))
     # defaults from benchmarks/tune_attention.py on an H100 (bf16, D 128, 128K tokens, `shared`
-    # lists of 60 blocks): 256 rows take 128 keys a step, 38.5 ms on 16-token pages (3 stages;
-    # 64 keys, 4 stages: 42.2 ms) and 35.5 ms on 64-token pages (4 stages)
+    # lists of 60 blocks): 256 rows on 16 warps (four warpgroups of 64 rows) take 64 keys a
+    # step over 2 stages: 35.6 ms on 16-token pages, 35.5 ms on 64-token pages (8 warps with
+    # 128 keys and 3 stages: 38.6 ms; 16 warps with 128 keys spill registers: 425+ ms)
+    wide = block_m >= 256 and D <= 128 and q.element_size() == 2
     if block_n is None:
         if block_m >= 256:
-            block_n = min(128 if D <= 128 else 64, block_size)
+            block_n = min(64, block_size)
         else:
             block_n = min(128 if block_m >= 64 else 64, block_size)
     if num_warps is None:
-        num_warps = 8 if block_m >= 256 or (block_m >= 128 and D >= 128) else 4
+        num_warps = 16 if wide else 8 if block_m >= 256 or (block_m >= 128 and D >= 128) else 4
     if num_stages is None:
-        num_stages = (4 if P >= 64 else 3) if block_m >= 256 and D <= 128 else 2
+        num_stages = 2
     if q.element_size() == 4:
         # float32 (exact products, no tensor cores) stages its operands through shared memory
         # at twice the 16-bit size: 128 keys x 4 stages no longer fit in an H100's 228 KiB
@@ -373,9 +383,9 @@ def _kv_step(b_q, b_k, b_v, pos_k, pos_q, m_row, m_i, l_i, acc, scale_log2, soft
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, axis=1)
     if IEEE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
