@@ -219,11 +219,11 @@ def _member_select_triton(q, summary_cache, plan: MobaPlan, p: SelectParams, sco
 
 def _shared_lists(g: torch.Tensor, plan: MobaPlan, k: int, nbv: int, HK: int) -> Selection:
     """Group scores [NG, HK, NBV] (forced +inf, invalid -inf) -> each group's top n, as tile lists."""
-    top = g.topk(min(k, nbv), dim=-1).indices
+    top = g.topk(min(k, nbv), dim=-1).indices.to(torch.int32)
     keep = torch.arange(top.shape[-1], device=g.device)[None, None, :] < plan.group_n.long()[:, None, None]
-    mask = torch.zeros(plan.num_groups, HK, nbv, dtype=torch.bool, device=g.device)
-    mask.scatter_(2, torch.where(keep, top, top[..., :1]), True)
-    lists, counts = _lists_from_mask(mask)
+    # the top n are distinct: sorting the k picks (not an NBV-wide mask) gives the ascending list
+    lists = torch.sort(torch.where(keep, top, SENTINEL), dim=-1).values
+    counts = keep.expand_as(top).sum(-1, dtype=torch.int32)
     return Selection(lists[plan.tile_group].contiguous(), counts[plan.tile_group].contiguous(), None)
 
 
