@@ -25,6 +25,7 @@ from moba_backend.ops.prefill import naive as attn_naive
 from moba_backend.ops.select.fast import Selection, select, selection_mask
 from moba_backend.ops.select.naive import SelectParams
 from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
+from moba_backend.workspace import step_workspace_bytes
 
 IMPLS = ("auto", "torch", "triton", "cuda")
 # Ops `auto` runs on the CUDA kernels when the extension is loaded (the others stay on Triton):
@@ -105,6 +106,16 @@ class MobaAttention:
         """Shape of this layer's summary cache for a KV cache of `num_pages` pages."""
         return (num_pages, slots_per_page(self.cfg.moba_block_size, page_size),
                 summary_slots(self.cfg.moba_gate), self.num_kv_heads, self.head_dim)
+
+    def workspace_bytes(self, num_tokens: int, max_seq_len: int, max_reqs: int, page_size: int,
+                        dtype: torch.dtype) -> int:
+        """Upper bound of the device bytes one `forward` step of this layer allocates and frees
+        (the step's plan included; not `out`): any step of at most `num_tokens` query tokens over
+        contexts of at most `max_seq_len` tokens, at most `max_reqs` requests, on the GPU
+        kernels (`moba_backend.workspace`). An engine's memory profile must count it."""
+        return step_workspace_bytes(self.cfg, num_tokens, max_seq_len, max_reqs, self.num_heads,
+                                    self.num_kv_heads, self.head_dim, dtype, page_size,
+                                    dense=self.params.dense, impl=self.impl)
 
     def _use_triton(self, device: torch.device) -> bool:
         """GPU kernels (Triton, with CUDA kernels where `_cuda_ops` says) rather than torch ops."""

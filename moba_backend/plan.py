@@ -121,6 +121,16 @@ def tokens_per_tile_for(num_heads: int, num_kv_heads: int, mode: str, query_tile
     return tpt, max(16, next_pow2(tpt * gp))
 
 
+def max_select_for(cfg: MobaConfig, num_visible_blocks: int) -> int:
+    """The widest selection (`MobaPlan.max_select`) any group of any step can ask for when no
+    context passes `num_visible_blocks` blocks: a window's `right`, or every visible block of a
+    group dense below a seq limit (c1 + 1 <= ceil((limit - 1) / B))."""
+    B = cfg.moba_block_size
+    widths = [cfg.moba_decoder_top_k_right, (cfg.decoder_seq_limit + B - 2) // B,
+              cfg.moba_encoder_top_k_right, (cfg.encoder_seq_limit + B - 2) // B]
+    return max(1, min(num_visible_blocks, max(widths)))
+
+
 def group_window(cfg: MobaConfig, lo: torch.Tensor, hi: torch.Tensor, right, limit):
     """The block window of groups spanning positions [lo, hi] that select `right` blocks and run
     dense below `limit` tokens (`right`, `limit`: ints, or tensors per group): (c1, flo, n, dense),
@@ -291,10 +301,7 @@ class DecodePlanBuffers:
             num_heads, num_kv_heads, cfg.moba_tile_select, cfg.moba_query_tile, head_dim)
         B = cfg.moba_block_size
         self.num_visible_blocks = (max_seq_len + B - 1) // B
-        # dense below the limit selects c1 + 1 <= ceil((limit - 1) / B) blocks, else `right`
-        widths = [cfg.moba_decoder_top_k_right, (cfg.decoder_seq_limit + B - 2) // B,
-                  cfg.moba_encoder_top_k_right, (cfg.encoder_seq_limit + B - 2) // B]
-        self.max_select = max(1, min(self.num_visible_blocks, max(widths)))
+        self.max_select = max_select_for(cfg, self.num_visible_blocks)
         dev = torch.device(device)
         i32 = dict(dtype=torch.int32, device=dev)
         self.arange = torch.arange(max_reqs, **i32)

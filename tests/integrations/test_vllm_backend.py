@@ -151,6 +151,48 @@ def test_builder_plans_from_host_seq_lens_when_exact(host):
     assert_close(h.step_plugin(step1), ref, 1e-5, "host seq lens" if host else "device seq lens")
 
 
+def test_profiling_run_reserves_nothing_on_cpu(monkeypatch):
+    """vLLM's profiling forward (no metadata) on CPU returns the output untouched and neither
+    sizes nor allocates a workspace (GPU memory is what vLLM profiles)."""
+    from moba_backend.integrations.vllm import backend
+
+    monkeypatch.setattr(backend, "_workspace_reserved", False)
+    monkeypatch.setattr(backend, "step_workspace_bytes",
+                        lambda *a, **kw: pytest.fail("sized a workspace on CPU"))
+    h = Harness(Shape(8, 2, 64, 16), sparse_cfg(16), [40], seed=2)
+    assert h.impl._engine_limits == (1 << 16, 32, 16)      # the stub's max_model_len, max_num_seqs
+    q, k, v = torch.randn(40, 8, 64), torch.randn(40, 2, 64), torch.randn(40, 2, 64)
+    out = torch.full_like(q, 7.0)
+    assert h.impl.forward(h.layer, q, k, v, h.kv_cache, None, out) is out
+    assert bool((out == 7.0).all()) and not backend._workspace_reserved
+
+
+@requires_gpu
+@pytest.mark.parametrize("mode", ["token", "shared"])
+def test_profiling_run_reserves_the_step_workspace_once(mode, monkeypatch):
+    """On a GPU the profiling forward allocates and frees the workspace bound of a real step of
+    its token count (contexts up to max_model_len, max_num_seqs requests), once per process."""
+    from moba_backend.integrations.vllm import backend
+
+    monkeypatch.setattr(backend, "_workspace_reserved", False)
+    h = Harness(Shape(8, 2, 64, 16), sparse_cfg(16, moba_tile_select=mode), [40], seed=2, device="cuda")
+    T = 2048
+    q = torch.randn(T, 8, 64, device="cuda")
+    k, v = torch.randn(T, 2, 64, device="cuda"), torch.randn(T, 2, 64, device="cuda")
+    out = torch.empty_like(q)
+    want = h.impl._layer(h.layer, q.device).workspace_bytes(T, 1 << 16, 32, 16, q.dtype)
+    for first in (True, False):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        h.impl.forward(h.layer, q, k, v, h.kv_cache, None, out)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == base, "the workspace was not released"
+        rise = torch.cuda.max_memory_allocated() - base
+        assert rise >= want if first else rise == 0, (first, rise, want)
+    assert backend._workspace_reserved
+
+
 def test_cudagraph_support_is_declared_for_gpus_only():
     from vllm.v1.attention.backend import AttentionCGSupport
     from moba_backend.integrations.vllm.backend import MobaMetadataBuilder

@@ -7,7 +7,10 @@
   it in a full CUDA graph (`UNIFORM_SINGLE_TOKEN_DECODE`: vLLM replays those graphs for every
   such batch); other steps run eagerly between the model's piecewise graphs.
 - `MobaAttentionImpl.do_kv_cache_update` scatters the step's K/V into the paged cache;
-  `forward` runs `MobaAttention.forward` (block summaries, selection, sparse attention).
+  `forward` runs `MobaAttention.forward` (block summaries, selection, sparse attention). In
+  vLLM's profiling forward (no metadata) on a GPU it allocates and frees, once per process, the
+  bound of a real step's workspace (`moba_backend/workspace.py`), so the memory profile that
+  sizes the KV cache counts it.
 - On CPU, a step MoBA runs dense (a layer in `moba_dense_layers`, or every request of the step
   below the seq limits) goes to vLLM's own CPU attention (`CPU_ATTN`'s builder and impl), which
   is several times faster than the torch path; mixed steps with sparse rows stay on MoBA's path.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -56,6 +60,7 @@ from moba_backend.ops.common import slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.select.fast import selection_mask
 from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
+from moba_backend.workspace import step_workspace_bytes
 
 # Keys of `vllm_config.additional_config` that carry the MoBA config (dict or JSON string).
 CONFIG_KEYS = ("moba_attention_config", "plas_attention_config")
@@ -75,7 +80,12 @@ DECODE_STAGING_CAP_BYTES = 32 << 20
 SUMMARY_DTYPE = torch.float32
 _PAGE_ALIGN = 64  # bytes: keeps each page's summary float32-aligned and on its own cache line
 
+log = logging.getLogger(__name__)
+
 _active_cfg: MobaConfig | None = None
+# Set once this process has shown vLLM's memory profile MoBA's step workspace (see
+# `MobaAttentionImpl._reserve_workspace`).
+_workspace_reserved = False
 
 
 def moba_config_from_vllm(vllm_config: VllmConfig | None) -> MobaConfig:
@@ -401,6 +411,9 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
             _gate_weights(self.cfg.moba_gate_weights, self._model_dir, num_kv_heads,
                           self.cfg.moba_block_size, head_size)
         self._moba: MobaAttention | None = None
+        # (max_model_len, max_num_seqs, page size): what a real step can reach, for the workspace
+        # shown to vLLM's memory profile
+        self._engine_limits = engine_limits(vllm_config)
         # vLLM's CPU attention for dense steps (its constructor reads the current engine config)
         self._cpu_impl = None
         if vllm_config is not None and cpu_dense_enabled(vllm_config=vllm_config):
@@ -434,7 +447,9 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         """query: [T, H, D]; key, value: [T, HK, D] (already in the cache); output: [T, H, D]."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("MoBA attention does not fuse output quantization")
-        if attn_metadata is None:  # profiling run
+        if attn_metadata is None:  # vLLM's profiling run (a dummy forward), or a warm-up
+            if query.is_cuda:
+                self._reserve_workspace(layer, query)
             return output
         moba = self._layer(layer, query.device)
         plan = attn_metadata.plan
@@ -457,6 +472,49 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         if sel:
             _stats.record(moba, plan, sel[0])
         return output
+
+    def _reserve_workspace(self, layer: AttentionLayer, query: torch.Tensor) -> None:
+        """Allocate and free the device workspace a real step of `query.shape[0]` tokens may
+        take (`MobaAttention.workspace_bytes`, contexts up to max_model_len, max_num_seqs
+        requests), once per process: vLLM sizes the KV cache from the peak of torch's allocated
+        bytes during its profiling forward, which reaches attention with no metadata, so MoBA's
+        score chunks, lists and partials would otherwise be missing from it. The largest
+        reservation is the peak that counts, so the first layer's call is enough; a dense layer
+        and a sparse one both count when `moba_dense_layers` mixes them."""
+        global _workspace_reserved
+        # NOTE: never under graph capture (the buffer would land in the graph's pool)
+        if _workspace_reserved or self._engine_limits is None or torch.cuda.is_current_stream_capturing():
+            return
+        _workspace_reserved = True
+        moba = self._layer(layer, query.device)
+        max_len, max_reqs, page_size = self._engine_limits
+        kinds = (False, True) if self.cfg.moba_dense_layers else (moba.params.dense,)
+        nbytes = max(step_workspace_bytes(
+            self.cfg, query.shape[0], max_len, max_reqs, self.num_heads, self.num_kv_heads,
+            self.head_size, query.dtype, page_size, dense=dense, impl=moba.impl) for dense in kinds)
+        log.info("MoBA: %.1f MiB of step workspace counted in the memory profile (%d tokens, "
+                 "max_model_len %d, max_num_seqs %d)", nbytes / 2**20, query.shape[0], max_len, max_reqs)
+        try:
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=query.device)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"MoBA: a step of {query.shape[0]} tokens over contexts of up to {max_len} tokens may "
+                f"need {nbytes / 2**30:.2f} GiB of workspace, which this GPU does not have after the "
+                f"model: lower --max-num-batched-tokens or --max-model-len") from e
+        del workspace
+
+
+def engine_limits(vllm_config: Any) -> tuple[int, int, int] | None:
+    """(max_model_len, max_num_seqs, KV page size) of an engine config; None without one. The
+    page size is the cache block size (16 when not set yet)."""
+    model = getattr(vllm_config, "model_config", None)
+    sched = getattr(vllm_config, "scheduler_config", None)
+    max_len = getattr(model, "max_model_len", None)
+    max_reqs = getattr(sched, "max_num_seqs", None)
+    if not max_len or not max_reqs:
+        return None
+    page = getattr(getattr(vllm_config, "cache_config", None), "block_size", None) or 16
+    return int(max_len), int(max_reqs), int(page)
 
 
 def cpu_dense_enabled(device: torch.device | None = None, vllm_config: Any = None) -> bool:
