@@ -16,6 +16,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from moba_backend.config import IMPL_ENV, MobaConfig
 from moba_backend.ops.cache import naive as cache_naive
@@ -32,6 +33,13 @@ IMPLS = ("auto", "torch", "triton", "cuda")
 # the ones measured faster than Triton on the benchmark shapes (README, "CUDA kernels"). The CUDA
 # prefill and decode are slower than Triton there (117 ms against 39 ms, 0.59 ms against 0.36 ms).
 AUTO_CUDA_OPS = frozenset({"pool"})
+# A step of fresh prompts that runs dense (`MobaPlan.fresh_dense`) goes to torch's SDPA (cuDNN /
+# FlashAttention on a GPU) over its own new keys and values, one call per request, when it has
+# at most this many requests; more stay on the kernels, which take the whole step at once.
+# H100, Llama-3-8B attention, one layer (benchmarks/bench_dense_route.py), SDPA against the
+# kernels: 1 x 512 tokens 0.10 / 1.03 ms, 1 x 4096 0.31 / 0.78, 4 x 1024 0.45 / 0.76,
+# 8 x 1024 0.78 / 0.79, 16 x 512 1.49 / 0.78.
+DENSE_ROUTE_MAX_REQS = 4
 
 
 def resolve_impl(impl: str, cfg: MobaConfig) -> str:
@@ -138,10 +146,12 @@ class MobaAttention:
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, summary_cache: torch.Tensor,
                 plan: MobaPlan, out: torch.Tensor | None = None,
-                selection_out: list | None = None) -> torch.Tensor:
+                selection_out: list | None = None, kv_in_cache: bool = False) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, HK, D] new keys/values (None: already in the cache).
 
         Returns out [T, H, D]. `selection_out`, when a list, receives this layer's Selection.
+        `kv_in_cache`: k and v are already written (an engine wrote them); they are read only by
+        the dense route of fresh prompts (`DENSE_ROUTE_MAX_REQS`).
         """
         T = plan.num_tokens
         check(q.dim() == 3 and q.shape[1:] == (self.num_heads, self.head_dim),
@@ -157,7 +167,7 @@ class MobaAttention:
               "a CUDA graph can only capture steps planned by DecodePlanBuffers (static shapes); "
               "this plan came from build_plan")
         q = q[:T]
-        if k is not None:
+        if k is not None and not kv_in_cache:
             write_kv(k, v, k_cache, v_cache, plan.slot_mapping)
         if out is None:
             out = torch.empty_like(q)
@@ -172,6 +182,8 @@ class MobaAttention:
             else:
                 from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
             update_block_summaries_fwd(k_cache, summary_cache, plan, cfg.moba_gate, self.gate_weight)
+            if selection_out is None and self._dense_route(q, k, v, plan, out):
+                return out
             sel = select(q, summary_cache, plan, self.params, backend="triton")
         else:
             ctx = plan.seq_lens - torch.bincount(plan.token_req.long(), minlength=plan.num_reqs).to(plan.seq_lens)
@@ -189,6 +201,25 @@ class MobaAttention:
                 q, k_cache, v_cache, plan.block_table, plan.token_req, plan.token_pos, mask,
                 cfg.moba_block_size, self.scale, self.softcap, self.window)
         return out
+
+    def _dense_route(self, q, k, v, plan: MobaPlan, out) -> bool:
+        """A step of fresh prompts whose every group (or this layer) runs dense is plain causal
+        attention over the step's own keys and values: run it on torch's SDPA, request by
+        request, when there are few requests (`DENSE_ROUTE_MAX_REQS`). Returns whether it
+        ran. Not with a soft cap or a sliding window (SDPA has neither)."""
+        # a dense layer runs every group dense, whatever the windows say
+        spans = plan.fresh_prompts if self.params.dense else plan.fresh_dense
+        if (spans is None or k is None or self.softcap > 0 or self.window > 0
+                or len(spans) > DENSE_ROUTE_MAX_REQS):
+            return False
+        G = self.num_heads // self.num_kv_heads
+        for q0, n in spans:
+            rows = slice(q0, q0 + n)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None],
+                is_causal=True, scale=self.scale, enable_gqa=G > 1)
+            out[rows] = o[0].transpose(0, 1)
+        return True
 
     def _attend_triton(self, q, k_cache, v_cache, plan: MobaPlan, sel: Selection, out,
                        cuda_ops: frozenset = frozenset()) -> None:

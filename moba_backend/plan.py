@@ -88,6 +88,12 @@ class MobaPlan:
     # shapes fixed by the batch size (DecodePlanBuffers): layers must not size anything from
     # the data (no host reads), so the step can run under CUDA graph capture and replay
     static: bool = False
+    # (first query row, tokens) of each request when the step is fresh prompts only (no cached
+    # context) whose every group runs dense: the step is then plain causal attention over its
+    # own new keys and values (`MobaAttention` may hand it to a dense kernel); else None
+    fresh_dense: tuple[tuple[int, int], ...] | None = None
+    # the same spans when the step is fresh prompts only, dense or not (a dense layer's route)
+    fresh_prompts: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_groups(self) -> int:
@@ -242,6 +248,9 @@ def build_plan(
     check(T == qsl[-1] - qsl[0], "query_start_loc must cover the tokens of the step contiguously")
     c1_all = cat(g_c1)
     n_all = cat(g_n)
+    fresh = all(sl[r] == qsl[r + 1] - qsl[r] and not dec[r] for r in range(R))
+    fresh_prompts = tuple((qsl[r], sl[r]) for r in range(R) if sl[r] > 0) if R and fresh else None
+    fresh_dense = fresh_prompts if fresh_prompts and bool(cat(g_dense, torch.bool).all()) else None
 
     dev = device if device is not None else block_table.device
     i32 = dict(dtype=torch.int32, device=dev)
@@ -270,6 +279,7 @@ def build_plan(
         num_visible_blocks=int(c1_all.max()) + 1 if c1_all.numel() else 0,
         max_select=int(n_all.max()) if n_all.numel() else 0,
         max_group_len=max((int(x.max()) for x in g_len if x.numel()), default=1),
+        fresh_dense=fresh_dense, fresh_prompts=fresh_prompts,
     )
 
 

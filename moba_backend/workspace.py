@@ -172,6 +172,11 @@ def step_workspace_bytes(cfg: MobaConfig, num_tokens: int, max_seq_len: int, max
     else:
         LW = W if mode == "shared" else min(nbv, G * W)
     mixed_step = max(sel, sel_out + max(prefill_attn, decode_attn(LW)))
+    # --- or the dense route of fresh prompts (`MobaAttention._dense_route`), instead of selection
+    # and attention: SDPA per request, its inputs possibly copied contiguous (K/V repeated over
+    # the group where the backend takes no GQA), its output and log-sum-exp, a backend workspace
+    route = 4 * _alloc(T * H * D * e) + _alloc(T * H * 4) + LARGE_SLACK
+    mixed_step = max(mixed_step, route)
 
     return plan + gate_copy + max(decode_step, mixed_step) + small
 

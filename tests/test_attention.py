@@ -111,6 +111,39 @@ def test_every_block_selected_equals_dense(case, impl):
     assert_close(out, dense_reference(b), 1e-4, f"dense {case} {impl}")
 
 
+@pytest.mark.skipif(not kernel_device(), reason="the dense route belongs to the kernel path")
+@pytest.mark.parametrize("case", ["fresh_dense", "dense_layer", "too_many", "cached_prefix", "sparse"])
+def test_dense_route_of_fresh_prompts(case, monkeypatch):
+    """A step of fresh prompts that runs dense goes to SDPA over its own keys and values (few
+    requests), and equals dense attention; too many requests, a cached prefix or a sparse group
+    keeps the step on the kernels, with the same result."""
+    import moba_backend.attention as attention_mod
+
+    big = dict(moba_encoder_top_k_left=200, moba_encoder_top_k_right=200)
+    reqs = [(0, 150, False), (0, 97, False)]
+    cfg, layer_idx, routed = moba_cfg(**big), 0, True
+    if case == "dense_layer":
+        cfg, layer_idx = moba_cfg(moba_dense_layers=[1]), 1
+    elif case == "too_many":
+        reqs = [(0, 40 + i, False) for i in range(attention_mod.DENSE_ROUTE_MAX_REQS + 1)]
+        routed = False
+    elif case == "cached_prefix":
+        reqs = [(0, 150, False), (30, 97, False)]
+        routed = False
+    elif case == "sparse":
+        cfg, routed = moba_cfg(), False
+    layer = make_layer(cfg, 8, 2, 64, "triton", layer_idx)
+    b = make_batch(reqs, H=8, HK=2, D=64, P=16)
+    calls = []
+    real = attention_mod.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = run_layer(layer, b, cfg, kernel_device())
+    assert (len(calls) == len(reqs)) == routed and (len(calls) == 0) != routed, (case, len(calls))
+    assert_close(out, dense_reference(b) if case != "sparse" else composed_reference(layer, b, cfg)[0],
+                 1e-4, f"dense route {case}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode,right", [("shared", 100), ("union", 12)], ids=["shared-all-blocks", "union-sparse"])
 def test_query_tile_wider_than_kernel_tile(mode, right, impl):

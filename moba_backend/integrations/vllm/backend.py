@@ -467,8 +467,11 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
                 _stats.record(moba, plan, None, route="vllm_cpu")
             return output
         sel = [] if _stats.enabled else None
-        moba.forward(query[:T], None, None, k_cache, v_cache, summaries, plan, out=output[:T],
-                     selection_out=sel)
+        # the step's keys and values are in the cache already; a step of fresh dense prompts
+        # reads them from here (`MobaAttention._dense_route`)
+        new_k, new_v = (key[:T], value[:T]) if key is not None and value is not None else (None, None)
+        moba.forward(query[:T], new_k, new_v, k_cache, v_cache, summaries, plan, out=output[:T],
+                     selection_out=sel, kv_in_cache=True)
         if sel:
             _stats.record(moba, plan, sel[0])
         return output
