@@ -94,6 +94,8 @@ class MobaPlan:
     fresh_dense: tuple[tuple[int, int], ...] | None = None
     # the same spans when the step is fresh prompts only, dense or not (a dense layer's route)
     fresh_prompts: tuple[tuple[int, int], ...] | None = None
+    # every group of the step runs dense (short contexts): selection is every visible block
+    all_dense: bool = False
 
     @property
     def num_groups(self) -> int:
@@ -249,8 +251,9 @@ def build_plan(
     c1_all = cat(g_c1)
     n_all = cat(g_n)
     fresh = all(sl[r] == qsl[r + 1] - qsl[r] and not dec[r] for r in range(R))
+    all_dense = bool(R) and bool(cat(g_dense, torch.bool).all())
     fresh_prompts = tuple((qsl[r], sl[r]) for r in range(R) if sl[r] > 0) if R and fresh else None
-    fresh_dense = fresh_prompts if fresh_prompts and bool(cat(g_dense, torch.bool).all()) else None
+    fresh_dense = fresh_prompts if fresh_prompts and all_dense else None
 
     dev = device if device is not None else block_table.device
     i32 = dict(dtype=torch.int32, device=dev)
@@ -279,7 +282,7 @@ def build_plan(
         num_visible_blocks=int(c1_all.max()) + 1 if c1_all.numel() else 0,
         max_select=int(n_all.max()) if n_all.numel() else 0,
         max_group_len=max((int(x.max()) for x in g_len if x.numel()), default=1),
-        fresh_dense=fresh_dense, fresh_prompts=fresh_prompts,
+        fresh_dense=fresh_dense, fresh_prompts=fresh_prompts, all_dense=all_dense,
     )
 
 

@@ -316,7 +316,7 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         plan = build_plan(self.cfg, qsl, self._host_seq_lens(cm), cm.block_table_tensor[:R],
                           cm.slot_mapping[:T], is_decode, self.page_size, self.num_heads,
                           self.num_kv_heads, device=self.device, head_dim=self.kv_cache_spec.head_size)
-        all_dense = T > 0 and bool(plan.group_dense.all())
+        all_dense = T > 0 and plan.all_dense
         cpu_dense = None
         if self._cpu_builder is not None and T > 0 and (all_dense or self.cfg.moba_dense_layers):
             cap = DECODE_STAGING_CAP_BYTES if n_dec == R else STAGING_CAP_BYTES

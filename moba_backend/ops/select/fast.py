@@ -87,19 +87,15 @@ def _lists_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_selection(plan: MobaPlan, num_kv_heads: int) -> Selection:
-    """Every block up to each tile's last block (dense layers). A static plan's lists are NBV
-    wide (no host read of the widest list)."""
+    """Every block up to each tile's last block (dense layers, steps whose every group is dense):
+    NBV-wide lists, ascending by construction (no sort, no host read of the widest list)."""
     req, q0, length, pos0 = _all_tiles(plan)
     c1 = ((pos0 + length - 1) // plan.block_size).long()
     nbv = max(plan.num_visible_blocks, 1)
     j = torch.arange(nbv, device=c1.device)
-    if plan.static:
-        lists = torch.where(j[None, :] <= c1[:, None], j[None, :].int(), SENTINEL)
-        lists = lists[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
-        counts = (c1 + 1).int()[:, None].expand(-1, num_kv_heads).contiguous()
-        return Selection(lists, counts, None)
-    mask = j[None, :] <= c1[:, None]
-    lists, counts = _lists_from_mask(mask[:, None, :].expand(-1, num_kv_heads, -1))
+    lists = torch.where(j[None, :] <= c1[:, None], j[None, :].int(), SENTINEL)
+    lists = lists[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
+    counts = (c1 + 1).int()[:, None].expand(-1, num_kv_heads).contiguous()
     return Selection(lists, counts, None)
 
 
@@ -113,7 +109,7 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
     the raw scores [t_hi - t_lo, H, NBV] float32 instead (a custom gate, such as an oracle).
     """
     HK = summary_cache.shape[3]
-    if p.dense:
+    if p.dense or plan.all_dense:
         return dense_selection(plan, HK)
     T, H, _ = q.shape
     G = H // HK
