@@ -37,9 +37,9 @@ AUTO_CUDA_OPS = frozenset({"pool"})
 # FlashAttention on a GPU) over its own new keys and values, one call per request, when it has
 # at most this many requests; more stay on the kernels, which take the whole step at once.
 # H100, Llama-3-8B attention, one layer (benchmarks/bench_dense_route.py), SDPA against the
-# kernels: 1 x 512 tokens 0.10 / 1.03 ms, 1 x 4096 0.31 / 0.78, 4 x 1024 0.45 / 0.76,
-# 8 x 1024 0.78 / 0.79, 16 x 512 1.49 / 0.78.
-DENSE_ROUTE_MAX_REQS = 4
+# kernels (every block selected, no gate): 1 x 1024 tokens 0.09 / 0.35 ms, 1 x 4096 0.31 / 0.51,
+# 2 x 4096 0.60 / 0.87, 4 x 1024 0.58 / 0.37, 8 x 1024 0.45 / 0.37.
+DENSE_ROUTE_MAX_REQS = 2
 
 
 def resolve_impl(impl: str, cfg: MobaConfig) -> str:
