@@ -99,16 +99,19 @@ def test_layer_matches_composed_reference(gate, mode, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["shared", "token"])
 @pytest.mark.parametrize("case", ["all_blocks_window", "dense_layer"])
-def test_every_block_selected_equals_dense(case, impl):
+def test_every_block_selected_equals_dense(case, mode, impl):
     if case == "dense_layer":
-        cfg, layer_idx = moba_cfg(moba_dense_layers=[2]), 2
+        cfg, layer_idx = moba_cfg(moba_dense_layers=[2], moba_tile_select=mode), 2
     else:
-        cfg, layer_idx = moba_cfg(moba_encoder_top_k_right=100, moba_decoder_top_k_right=100), 0
+        cfg, layer_idx = moba_cfg(moba_encoder_top_k_right=100, moba_decoder_top_k_right=100,
+                                  moba_tile_select=mode), 0
+        assert make_batch(MIXED + [(0, 33, False)], H=8, HK=2, D=64, P=32).plan(cfg).all_dense
     layer = make_layer(cfg, 8, 2, 64, impl, layer_idx)
     b = make_batch(MIXED + [(0, 33, False)], H=8, HK=2, D=64, P=32)
     out = run_layer(layer, b, cfg, device_for(impl))
-    assert_close(out, dense_reference(b), 1e-4, f"dense {case} {impl}")
+    assert_close(out, dense_reference(b), 1e-4, f"dense {case} {mode} {impl}")
 
 
 @pytest.mark.skipif(not kernel_device(), reason="the dense route belongs to the kernel path")
