@@ -159,8 +159,7 @@ def step_workspace_bytes(cfg: MobaConfig, num_tokens: int, max_seq_len: int, max
     if dense:
         sel, sel_out = _dense_selection(NT, HK, nbv)
     elif mode == "shared":
-        sel, sel_out = _shared_selection(T, H, HK, D, e, NG, NT, R, nbv, W, page_size, max_seq_len,
-                                         cfg.moba_gate, fast, select_triton)
+        sel, sel_out = _shared_selection(HK, D, e, NG, NT, R, nbv, W, cfg.moba_gate, select_triton)
     else:
         sel, sel_out = _member_selection(T, H, HK, G, NT, NG, Nd, nbv, W, mode, fast)
     prefill_attn = 0
@@ -190,29 +189,18 @@ def _dense_selection(NT: int, HK: int, nbv: int) -> tuple[int, int]:
     return tiles + _alloc(NT * nbv) + peak, out
 
 
-def _shared_selection(T, H, HK, D, e, NG, NT, R, nbv, W, page_size, max_seq_len, gate, fast,
-                      select_triton) -> tuple[int, int]:
+def _shared_selection(HK, D, e, NG, NT, R, nbv, W, gate, select_triton) -> tuple[int, int]:
     """`shared` mode with prefill tiles: `group_scores_fwd` (group scores [NG, HK, NBV] float32,
-    the members' normalisers [T, H], the 16-bit summary copy), then `_shared_lists` (the top k
-    of the group scores, sorted into lists, gathered per kernel tile)."""
+    the compact summary copy [R, HK, S, NBV, D] in the query's dtype), then `_shared_lists` (the
+    top k of the group scores, sorted into lists, gathered per kernel tile)."""
     scores = _alloc(NG * HK * nbv * 4)
     copy = 0
+    per_block = summary_slots(gate) * HK * D                    # summary elements of one block
     if e < 4 and nbv >= select_triton.COMPACT_MIN_BLOCKS:
-        budget = select_triton.COMPACT_BUDGET_BYTES
-        per_block = summary_slots(gate) * HK * D                # summary elements of one block
-        # the copy is made only within the budget; a step with shorter contexts fits more
-        # requests in it, at most those with COMPACT_MIN_BLOCKS blocks
-        r_copy = min(R, budget // (select_triton.COMPACT_MIN_BLOCKS * per_block * (4 + e)))
-        blocks = min(R * nbv, budget // (per_block * (4 + e)))  # requests x blocks copied
-        if r_copy:
-            pages = -(-max_seq_len // page_size)
-            # the float32 gather and its 16-bit copy (together within the budget), the block
-            # table as int64, block positions / columns / slots over NBV (int64), pages
-            # [R, NBV] int64 (and its clamp), the new table [R, NBV] int32
-            copy = (_alloc(blocks * per_block * 4) + _alloc(blocks * per_block * e)
-                    + _alloc(8 * r_copy * pages) + 6 * _alloc(8 * nbv) + 3 * _alloc(8 * blocks)
-                    + _alloc(4 * blocks))
-    group = scores + copy + _alloc(T * H * 4)
+        # made only within the budget: a step of fewer or shorter requests may make one that
+        # the budget holds
+        copy = _alloc(min(R * nbv * per_block * e, select_triton.COMPACT_BUDGET_BYTES))
+    group = scores + copy
     # `_shared_lists`: the top k of the group scores (its values dropped, its int64 indices cast
     # to int32), keep [NG, 1, k] bool and n as int64, the where [NG, HK, k] int32 and its sort,
     # the counts, then the lists gathered per kernel tile

@@ -56,9 +56,10 @@ def test_bound_counts_the_budgets(monkeypatch):
     assert bound(token, **long) >= prefill_triton.PARTIAL_BUDGET_BYTES
     monkeypatch.undo()
 
-    # a short step over long contexts, where the copy is the largest piece: 8192 blocks at 128K
+    # a short step over long contexts, where the copy is the largest piece: 8192 blocks at 128K,
+    # 32 requests (512 MiB of summaries: a step of fewer requests copies up to the budget)
     shared = MobaConfig(moba_tile_select="shared", moba_block_size=16)
-    short = {"T": 256, "L": 131072, "R": 8}
+    short = {"T": 256, "L": 131072, "R": 32}
     b = bound(shared, **short)
     assert b >= select_triton.COMPACT_BUDGET_BYTES
     assert bound(shared, dtype=torch.float32, **short) < b - 64 * MiB, "float32 queries: no copy"

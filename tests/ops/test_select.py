@@ -124,22 +124,35 @@ def test_triton_scorer_16bit_queries_match_reference(gate, mode, dtype):
 
 
 @requires_triton
-@pytest.mark.parametrize("gate,P", [("mean", 16), ("minmax", 64)])
-def test_group_scores_from_compact_summaries_are_identical(gate, P):
-    """`shared` group scores read from the 16-bit compact copy equal those read through the
-    paged float32 cache (the kernels round summaries to the query dtype either way)."""
-    from moba_backend.ops.select.triton_impl import group_scores_fwd
+@pytest.mark.parametrize("gate,P,dtype", [("mean", 16, torch.float16), ("minmax", 64, torch.bfloat16),
+                                         ("max", 128, torch.float32)], ids=str)
+def test_group_scores_from_compact_summaries_are_identical(gate, P, dtype):
+    """`shared` group scores read from the compact copy (in the query's dtype) equal those read
+    through the paged float32 cache (the kernels round summaries to the query dtype either way);
+    the copy holds each request's block summaries in order, also where a page holds several
+    blocks (P 64 and 128, blocks of 16)."""
+    from moba_backend.ops.select.triton_impl import compact_summaries, group_scores_fwd
 
     dev = kernel_device()
     cfg = moba_cfg(moba_gate=gate, moba_tile_select="shared")
     b = make_batch(BATCHES["mixed_decode_chunked_prefill"] + [(0, 5, False)], H=8, HK=2, D=64, P=P,
-                   dtype=torch.float16)
+                   dtype=dtype)
     plan = b.plan(cfg, device=dev)
     sc = fixed_summaries(b, cfg, dev)
     paged = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, compact=False)
     compact = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, compact=True)
     assert torch.isfinite(paged).any()
     assert torch.equal(paged, compact)
+    # the layout, exactly: a float32 copy (the interpreter's 16-bit casts may round otherwise)
+    copy = compact_summaries(sc, plan, torch.float32).cpu()          # [R, HK, S, NBV, D]
+    B, bt, sc = plan.block_size, plan.block_table.cpu(), sc.cpu()
+    for r, L in enumerate(plan.seq_lens.cpu().tolist()):
+        for j in range(L // B):                                      # complete blocks
+            last = j * B + B - 1
+            want = sc[bt[r, last // P], (last % P) // B].transpose(0, 1)   # [HK, S, D]
+            assert torch.equal(copy[r, :, :, j], want), (r, j)
+    with pytest.raises(ValueError, match="one-launch"):
+        group_scores_fwd(b.q.to(dev), sc.to(dev), plan, gate, 1, 0.125, compact=True, fused=False)
 
 
 @requires_triton

@@ -159,6 +159,22 @@ def _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslo
 
 
 @triton.jit
+def _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sj,
+                   MINMAX: tl.constexpr, IEEE: tl.constexpr):
+    """`_scores` over a compact copy (`compact_summaries`): block j's summary at
+    s_row + j * stride_sj (one request and KV head), already in b_q's dtype."""
+    p = s_row + o_j[:, None] * stride_sj + o_d[None, :]
+    m = m_j[:, None] & m_d[None, :]
+    b_s0 = tl.load(p, mask=m, other=0.0)
+    if MINMAX:
+        b_s1 = tl.load(p + stride_ss, mask=m, other=0.0)
+        q_pos = tl.maximum(b_q, 0.0).to(b_q.dtype)
+        q_neg = tl.minimum(b_q, 0.0).to(b_q.dtype)
+        return _dot(q_pos, tl.trans(b_s0), IEEE) + _dot(q_neg, tl.trans(b_s1), IEEE)
+    return _dot(b_q, tl.trans(b_s0), IEEE)
+
+
+@triton.jit
 def _group_lse_kernel(
     q_ptr,          # [T, H, D]
     s_ptr,          # [N, SLOTS, S, HK, D]
@@ -286,14 +302,17 @@ def _group_fused_kernel(
     scale_log2, sink,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
-    MINMAX: tl.constexpr, IEEE: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """`shared` mode in one launch. One program = BLOCK_M members (token x head rows) of one
     (group, KV head), its queries loaded once: a first sweep over the candidates gives each
     member's log2-sum-exp2 lse[m] of z = s * scale * log2(e); a second sweep takes, per block,
     max over its members of z[m, j] - lse[m] and folds it into the group's row with an atomic
     max (order-free, so the result is exact and deterministic). `_group_finish_kernel` then
-    maps the row to 2^row, +inf on forced blocks and -inf elsewhere."""
+    maps the row to 2^row, +inf on forced blocks and -inf elsewhere.
+
+    DIRECT: s_ptr is a compact copy [R, HK, S, NBV, D] (`compact_summaries`), read with the
+    strides (request, j, slot, KV head) in place of (page, slot of a page, slot, KV head)."""
     i_g = tl.program_id(0)
     i_hk = tl.program_id(1)
     r0 = tl.program_id(2) * BLOCK_M
@@ -304,6 +323,7 @@ def _group_fused_kernel(
     i_req = tl.load(g_req_ptr + i_g).to(tl.int64)
     q0 = tl.load(g_q0_ptr + i_g)
     bt_row = bt_ptr + i_req * stride_bt
+    s_row = s_ptr + i_req * stride_sp + i_hk * stride_sh      # DIRECT only
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_jj = tl.arange(0, BLOCK_J)
@@ -318,8 +338,11 @@ def _group_fused_kernel(
     for j0 in range(sink, flo, BLOCK_J):
         o_j = j0 + o_jj
         m_j = o_j < flo
-        b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                      stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
+        if DIRECT:
+            b_s = _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sslot, MINMAX, IEEE)
+        else:
+            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
         b_s = tl.where(m_j[None, :], b_s, float("-inf"))
         # each step holds a candidate (j0 < flo): the running max is finite after the first
         m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
@@ -331,8 +354,11 @@ def _group_fused_kernel(
     for j0 in range(sink, flo, BLOCK_J):
         o_j = j0 + o_jj
         m_j = o_j < flo
-        b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                      stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
+        if DIRECT:
+            b_s = _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sslot, MINMAX, IEEE)
+        else:
+            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
         best = tl.max(b_s * scale_log2 - lse[:, None], axis=0)
         tl.atomic_max(p_o + o_j, best, mask=m_j, sem="relaxed")
 
@@ -360,30 +386,69 @@ def _group_finish_kernel(
     tl.store(p_o, val, mask=o_j < NBV)
 
 
-# `group_scores_fwd` reads the summaries from a 16-bit copy (`compact_summaries`) when a request
-# sees at least COMPACT_MIN_BLOCKS blocks and the copy fits COMPACT_BUDGET_BYTES. Measured on an
-# H100 (D 128, 8 KV heads, block 128): group kernels 81.6 -> 63.5 ms at 512K tokens, 5.66 ->
-# 5.59 ms at 128K, and a net loss below that from the copy itself.
-COMPACT_MIN_BLOCKS = 2048
+# `group_scores_fwd` (one launch) reads the summaries from a 16-bit copy (`compact_summaries`)
+# when the step sees at least COMPACT_MIN_BLOCKS blocks and the copy fits COMPACT_BUDGET_BYTES.
+# H100, D 128, 8 KV heads, block 128 (`benchmarks/tune_attention.py --only gate`), group kernels
+# from the paged float32 cache -> from the copy, the copy included: 8K tokens 0.124 -> 0.168 ms,
+# 16K 0.106 -> 0.097, 32K 0.345 -> 0.262, 64K 1.146 -> 0.858, 128K 4.051 -> 2.987, 512K
+# 58.98 -> 46.32.
+COMPACT_MIN_BLOCKS = 128
 COMPACT_BUDGET_BYTES = 256 << 20
 
 
-def compact_summaries(summary_cache: torch.Tensor, plan: MobaPlan, dtype: torch.dtype):
-    """The summaries of blocks 0 .. NBV-1 of every request, in `dtype`, one block per "page" of a
-    new cache, with the block table that addresses it: (cache [R * NBV, 1, S, HK, D], table
-    [R, NBV] int32). Both passes of the group score then read half the bytes of the float32
-    cache, each block from a dense row instead of through the KV block table. Entries past a
+@triton.jit
+def _compact_kernel(
+    s_ptr,          # [N, SLOTS, S, HK, D] float32 summary cache
+    bt_ptr,         # [R, max_pages] int32
+    o_ptr,          # [R, HK, S, NBV, D] out, 16-bit
+    NBV, max_pages, n_pages,
+    stride_sp, stride_sslot, stride_ss, stride_sh,
+    stride_bt,
+    stride_or, stride_oh, stride_os, stride_oj,
+    S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+    MOBA_B: tl.constexpr, PAGE: tl.constexpr,
+):
+    """One program = BLOCK_J blocks of one request x (KV head, slot of S)."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_hk = tl.program_id(2) // S
+    i_s = tl.program_id(2) % S
+    o_d = tl.arange(0, BLOCK_D)
+    m_j = o_j < NBV
+    m = m_j[:, None] & (o_d < D)[None, :]
+    last = o_j * MOBA_B + MOBA_B - 1
+    col = tl.minimum(last // PAGE, max_pages - 1)
+    # entries past a request's complete blocks copy whatever its table points at (in range);
+    # the group kernels never read them
+    i_page = tl.load(bt_ptr + i_r * stride_bt + col, mask=m_j, other=0)
+    i_page = tl.minimum(tl.maximum(i_page, 0), n_pages - 1).to(tl.int64)
+    slot = (last % PAGE) // MOBA_B
+    x = tl.load(s_ptr + i_page[:, None] * stride_sp + slot[:, None] * stride_sslot + i_s * stride_ss
+                + i_hk * stride_sh + o_d[None, :], mask=m, other=0.0)
+    tl.store(o_ptr + i_r * stride_or + i_hk * stride_oh + i_s * stride_os + o_j[:, None] * stride_oj
+             + o_d[None, :], x.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def compact_summaries(summary_cache: torch.Tensor, plan: MobaPlan, dtype: torch.dtype) -> torch.Tensor:
+    """The summaries of blocks 0 .. NBV-1 of every request in `dtype`: [R, HK, S, NBV, D], each
+    (request, KV head) a dense run of rows. The one-launch group kernel reads half the bytes of
+    the float32 cache there, in runs, instead of one page lookup per block. Entries past a
     request's complete blocks hold whatever its table points at; the kernels never read them.
     No host synchronisation: the shape comes from the plan."""
-    B, P, nbv, R = plan.block_size, plan.page_size, max(plan.num_visible_blocks, 1), plan.num_reqs
-    dev = summary_cache.device
-    last = (torch.arange(nbv, device=dev) + 1) * B - 1
-    cols = (last // P).clamp(max=plan.block_table.shape[1] - 1)
-    pages = plan.block_table.long()[:, cols].clamp(0, summary_cache.shape[0] - 1)
-    slots = ((last % P) // B if P > B else torch.zeros_like(last)).expand(R, nbv)
-    cache = summary_cache[pages, slots].to(dtype).reshape(R * nbv, 1, *summary_cache.shape[2:])
-    table = torch.arange(R * nbv, device=dev, dtype=torch.int32).view(R, nbv)
-    return cache, table
+    N, _, S, HK, D = summary_cache.shape
+    nbv, R = max(plan.num_visible_blocks, 1), plan.num_reqs
+    out = torch.empty(R, HK, S, nbv, D, dtype=dtype, device=summary_cache.device)
+    if R == 0:
+        return out
+    bt = plan.block_table
+    block_j = 32
+    _compact_kernel[(R, triton.cdiv(nbv, block_j), HK * S)](
+        summary_cache, bt, out, nbv, bt.shape[1], N,
+        summary_cache.stride(0), summary_cache.stride(1), summary_cache.stride(2), summary_cache.stride(3),
+        bt.stride(0), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        S=S, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_J=block_j, MOBA_B=plan.block_size,
+        PAGE=plan.page_size, num_warps=4)
+    return out
 
 
 def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, gate: str,
@@ -396,8 +461,9 @@ def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPla
     their normalisers, then for the per-block max, folded across programs by an atomic max) or
     two (the normalisers, then the per-block max over members).
     Products in the query's dtype (16-bit: summaries rounded to it, as `naive.gate_scores`
-    does; float32: exact). `compact` (default: 16-bit queries, long requests, a copy within
-    COMPACT_BUDGET_BYTES) reads the summaries from a 16-bit copy (`compact_summaries`).
+    does; float32: exact). `compact` (one launch only; default: 16-bit queries, requests of at
+    least COMPACT_MIN_BLOCKS blocks, a copy within COMPACT_BUDGET_BYTES) reads the summaries
+    from a copy in the query's dtype (`compact_summaries`).
     Launch defaults measured with benchmarks/tune_attention.py on an H100 (128K tokens, D 128).
 
     q: [T, H, D]; summary_cache: [N, SLOTS, S, HK, D].
@@ -411,38 +477,44 @@ def group_scores_fwd(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPla
         return out
     page, table = plan.page_size, plan.block_table
     if compact is None:
-        # the gather reads float32 summaries, then rounds them: both copies live at once
-        copy_bytes = (plan.num_reqs * nbv * summary_cache[0, 0].numel()
-                      * (summary_cache.element_size() + q.element_size()))
-        compact = (q.dtype != torch.float32 and nbv >= COMPACT_MIN_BLOCKS
+        copy_bytes = plan.num_reqs * nbv * summary_cache[0, 0].numel() * q.element_size()
+        compact = (fused and q.dtype != torch.float32 and nbv >= COMPACT_MIN_BLOCKS
                    and copy_bytes <= COMPACT_BUDGET_BYTES)
-    if compact:
-        summary_cache, table = compact_summaries(summary_cache, plan, q.dtype)
-        page = plan.block_size
+    if compact and not fused:
+        raise ValueError("group_scores_fwd: compact summaries are read by the one-launch kernel only "
+                         "(fused=True)")
     rows = plan.max_group_len * G
-    if fused:
-        # H100, 128K tokens, D 128: 256 members x 64 blocks a step on 8 warps, 4.1 ms (two
-        # launches at their best, 64 members x 128 blocks on 4 warps: 5.6 ms)
-        block_m = block_m or max(16, min(256, next_pow2(rows)))
-        block_j, num_warps = block_j or 64, num_warps or 8
-    else:
-        block_m, block_j, num_warps = block_m or 64, block_j or 128, num_warps or 4
-    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
-    strides = (q.stride(0), q.stride(1), summary_cache.stride(0), summary_cache.stride(1),
-               summary_cache.stride(2), summary_cache.stride(3), table.stride(0), lse.stride(0))
-    consts = dict(G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), BLOCK_M=block_m, BLOCK_J=block_j,
-                  MOBA_B=plan.block_size, PAGE=page, MINMAX=gate == "minmax",
-                  IEEE=q.dtype == torch.float32,
-                  num_warps=num_warps, num_stages=num_stages)
+    consts = dict(G=G, D=D, BLOCK_D=next_pow2(max(D, 16)), MOBA_B=plan.block_size,
+                  MINMAX=gate == "minmax", IEEE=q.dtype == torch.float32, num_stages=num_stages)
     scale_log2 = float(scale) * LOG2E
     if fused:
+        # H100, 128K tokens, D 128: 256 members x 64 blocks a step on 8 warps: 4.1 ms from the
+        # paged float32 cache, 3.1 ms from the compact copy, its copy included (two launches at
+        # their best, 64 members x 128 blocks on 4 warps: 5.6 ms)
+        block_m = block_m or max(16, min(256, next_pow2(rows)))
+        block_j, num_warps = block_j or 64, num_warps or 8
+        if compact:
+            summary_cache = compact_summaries(summary_cache, plan, q.dtype)
+            # (request, j, slot, KV head) strides in the kernel's (page, slot of a page, slot,
+            # KV head) places
+            s_strides = (summary_cache.stride(0), summary_cache.stride(3), summary_cache.stride(2),
+                         summary_cache.stride(1))
+        else:
+            s_strides = tuple(summary_cache.stride(i) for i in range(4))
         out.fill_(float("-inf"))
         _group_fused_kernel[(plan.num_groups, HK, triton.cdiv(rows, block_m))](
             q, summary_cache, table, plan.group_req, plan.group_q0, plan.group_len, plan.group_flo, out,
-            *strides[:7], out.stride(0), out.stride(1), scale_log2, int(sink), **consts)
+            q.stride(0), q.stride(1), *s_strides, table.stride(0), out.stride(0), out.stride(1),
+            scale_log2, int(sink), BLOCK_M=block_m, BLOCK_J=block_j, PAGE=page, DIRECT=compact,
+            num_warps=num_warps, **consts)
         _group_finish_kernel[(plan.num_groups, HK, triton.cdiv(nbv, 128))](
             out, plan.group_c1, plan.group_flo, out.stride(0), out.stride(1), int(sink), nbv, BLOCK_J=128)
         return out
+    block_m, block_j, num_warps = block_m or 64, block_j or 128, num_warps or 4
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), summary_cache.stride(0), summary_cache.stride(1),
+               summary_cache.stride(2), summary_cache.stride(3), table.stride(0), lse.stride(0))
+    consts.update(BLOCK_M=block_m, BLOCK_J=block_j, PAGE=page, num_warps=num_warps)
     _group_lse_kernel[(plan.num_groups, HK, triton.cdiv(rows, block_m))](
         q, summary_cache, table, plan.group_req, plan.group_q0, plan.group_len,
         plan.group_flo, lse, *strides, scale_log2, int(sink), **consts)
