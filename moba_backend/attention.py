@@ -12,6 +12,7 @@ Caches (allocated by the engine, indexed by physical page):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 import os
 
@@ -146,12 +147,16 @@ class MobaAttention:
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, summary_cache: torch.Tensor,
                 plan: MobaPlan, out: torch.Tensor | None = None,
-                selection_out: list | None = None, kv_in_cache: bool = False) -> torch.Tensor:
+                selection_out: list | None = None, kv_in_cache: bool = False,
+                dense_attend: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, HK, D] new keys/values (None: already in the cache).
 
         Returns out [T, H, D]. `selection_out`, when a list, receives this layer's Selection.
         `kv_in_cache`: k and v are already written (an engine wrote them); they are read only by
         the dense route of fresh prompts (`DENSE_ROUTE_MAX_REQS`).
+        `dense_attend(q, out)`: an engine's own dense attention over the same paged cache, run
+        (after the blocks this step completes are pooled) instead of the kernels when this layer
+        runs the whole step dense; it returns whether it wrote `out`.
         """
         T = plan.num_tokens
         check(q.dim() == 3 and q.shape[1:] == (self.num_heads, self.head_dim),
@@ -182,14 +187,18 @@ class MobaAttention:
             else:
                 from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
             update_block_summaries_fwd(k_cache, summary_cache, plan, cfg.moba_gate, self.gate_weight)
-            if selection_out is None and self._dense_route(q, k, v, plan, out):
-                return out
-            sel = select(q, summary_cache, plan, self.params, backend="triton")
         else:
             ctx = plan.seq_lens - torch.bincount(plan.token_req.long(), minlength=plan.num_reqs).to(plan.seq_lens)
             pooling_naive.update_block_summaries(
                 k_cache, summary_cache, plan.block_table, ctx, plan.seq_lens,
                 cfg.moba_block_size, cfg.moba_gate, self.gate_weight)
+        if dense_attend is not None and (self.params.dense or plan.all_dense) and dense_attend(q, out):
+            return out
+        if use_triton:
+            if selection_out is None and self._dense_route(q, k, v, plan, out):
+                return out
+            sel = select(q, summary_cache, plan, self.params, backend="triton")
+        else:
             sel = select(q, summary_cache, plan, self.params)
         if selection_out is not None:
             selection_out.append(sel)

@@ -378,3 +378,145 @@ def test_register_only_when_switched_on(monkeypatch):
             register()
     finally:
         member.clear_override()
+
+
+# --- dense steps on vLLM's FlashAttention (GPUs) -----------------------------------------------
+# vLLM's kernel is not installed here (nor on the lent GPU): a torch stand-in with its documented
+# semantics (paged K/V through the block table, seqused_k, causal aligned to the bottom right,
+# GQA) takes its place, on CPU and on CUDA, to test the route's plumbing and its start-up check.
+
+
+def fake_flash_attn(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k,
+                    softmax_scale, causal, block_table, softcap=0.0, fa_version=None, **unused):
+    assert causal and not unused and q.dtype in (torch.float16, torch.bfloat16)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1
+    P, HK, D = k.shape[1:]
+    G = q.shape[1] // HK
+    qsl, lens = cu_seqlens_q.tolist(), seqused_k.tolist()
+    assert max_seqlen_q >= max(b - a for a, b in zip(qsl, qsl[1:])) and max_seqlen_k >= max(lens)
+    for r, L in enumerate(lens):
+        n = qsl[r + 1] - qsl[r]
+        pages = block_table[r, : -(-L // P)].long()
+        kr = k[pages].reshape(-1, HK, D)[:L].float().repeat_interleave(G, 1)
+        vr = v[pages].reshape(-1, HK, D)[:L].float().repeat_interleave(G, 1)
+        s = torch.einsum("thd,lhd->thl", q[qsl[r]: qsl[r + 1]].float(), kr) * softmax_scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        pos = torch.arange(L - n, L, device=q.device)
+        s = s.masked_fill(torch.arange(L, device=q.device)[None, None, :] > pos[:, None, None], float("-inf"))
+        out[qsl[r]: qsl[r + 1]] = torch.einsum("thl,lhd->thd", torch.softmax(s, -1), vr).to(out.dtype)
+
+
+@pytest.fixture
+def flash(monkeypatch, tmp_path):
+    """The stand-in installed as vLLM's FlashAttention; vLLM's CPU route off; stats on."""
+    from moba_backend.integrations.vllm import backend
+
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(STATS_ENV, str(stats))
+    monkeypatch.setenv(CPU_DENSE_ENV, "0")
+
+    def install(fn=fake_flash_attn):
+        monkeypatch.setattr(backend, "_flash", backend.VllmFlash(fn, version=3))
+        return backend._flash
+    return install, stats
+
+
+FLASH_DEVICES = ["cpu", pytest.param("cuda", marks=requires_gpu)]
+
+
+@pytest.mark.parametrize("device", FLASH_DEVICES)
+@pytest.mark.parametrize("name,shape,B,extra", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+def test_dense_steps_run_vllm_flash_attention(name, shape, B, extra, device, flash):
+    install, stats = flash
+    install()
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, dense_cfg(B), lengths, seed=5, dtype=torch.bfloat16, device=device)
+    for i, work in enumerate((step1, step2)):
+        out = h.step_plugin(work)
+        assert h.last_metadata.flash is not None
+        assert_close(out, h.dense_reference(work), 2e-2, f"{name} routed vs dense, step {i + 1}")
+    assert routes(stats) == ["vllm_flash", "vllm_flash"]
+
+
+@pytest.mark.parametrize("device", FLASH_DEVICES)
+def test_flash_route_dense_layer_and_the_summaries_it_pools(device, flash):
+    """A `moba_dense_layers` layer runs on the route in sparse steps; a routed all-dense step
+    still pools the blocks it completes, which the next (sparse) step selects by."""
+    install, stats = flash
+    install()
+    shape, B = Shape(9, 3, 64, 16), 16
+    lengths, step1, step2 = two_steps(B)
+    h = Harness(shape, sparse_cfg(B, moba_dense_layers=[3]), lengths, seed=6, dtype=torch.bfloat16,
+                device=device)
+    for i, work in enumerate((step1, step2)):
+        assert_close(h.step_plugin(work), h.dense_reference(work), 2e-2, f"dense layer, step {i + 1}")
+    assert routes(stats) == ["vllm_flash", "vllm_flash"]
+    stats.unlink()
+    h = Harness(shape, sparse_cfg(B, moba_use_encoder_seq_limit=1 << 20), lengths, seed=7,
+                dtype=torch.bfloat16, device=device)
+    for i, work in enumerate((step1, step2)):
+        assert_close(h.step_plugin(work), h.step_reference(work), 2e-2, f"pooled by a routed step, step {i + 1}")
+    rows = [json.loads(x) for x in stats.read_text().splitlines()]
+    assert [r["route"] for r in rows] == ["vllm_flash", "moba"]
+    assert rows[1]["decode_selected"] < rows[1]["decode_visible"]
+
+
+@pytest.mark.parametrize("broken", ["wrong", "raises"])
+def test_flash_route_off_when_its_check_fails(broken, flash, caplog):
+    """A kernel that disagrees with plain attention, or raises, is never used: MoBA's path runs
+    the dense steps, and the reason is logged once."""
+    install, stats = flash
+
+    def wrong(**kw):
+        fake_flash_attn(**kw)
+        kw["out"].mul_(1.5)
+
+    def raises(**kw):
+        raise RuntimeError("no kernel image is available")
+    route = install(wrong if broken == "wrong" else raises)
+    lengths, step1, step2 = two_steps(16)
+    h = Harness(Shape(9, 3, 64, 16), dense_cfg(16), lengths, seed=5, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        for i, work in enumerate((step1, step2)):
+            assert_close(h.step_plugin(work), h.dense_reference(work), 2e-2, f"step {i + 1}")
+    assert routes(stats) == ["moba", "moba"]
+    warned = [r for r in caplog.records if "FlashAttention" in r.getMessage()]
+    assert len(warned) == 1 and ("relative error" in warned[0].getMessage()) == (broken == "wrong")
+    assert list(route._ok.values()) == [False]
+
+
+def test_flash_route_float32_and_switch(flash, monkeypatch):
+    """float32 (no vLLM FlashAttention kernel) stays on MoBA's path; without vLLM's kernel on a
+    CUDA platform (CPU here, or $MOBA_VLLM_FLASH_ATTN=0) the builder plans no route at all."""
+    from moba_backend.integrations.vllm import backend
+
+    install, stats = flash
+    install()
+    lengths, step1, _ = two_steps(16)
+    h = Harness(Shape(9, 3, 64, 16), dense_cfg(16), lengths, seed=5, dtype=torch.float32)
+    assert_close(h.step_plugin(step1), h.dense_reference(step1), 1e-4, "float32")
+    assert routes(stats) == ["moba"]
+    monkeypatch.setattr(backend, "_flash", backend.VllmFlash())
+    assert not backend._flash.available("cpu")
+    monkeypatch.setenv(backend.FLASH_ENV, "0")
+    monkeypatch.setattr(backend, "_flash", backend.VllmFlash())
+    assert not backend._flash.available("cuda")
+
+
+@requires_gpu
+def test_flash_route_leaves_graph_decode_steps_alone(flash):
+    """Decode steps planned for CUDA graphs (static plans) never take the route, even in a dense
+    layer: vLLM captures them."""
+    install, stats = flash
+    install()
+    shape, B = Shape(8, 2, 128, 32), 16
+    lengths = [9 * B + 3, 5 * B]
+    h = Harness(shape, sparse_cfg(B, moba_dense_layers=[3]), [L + 1 for L in lengths], seed=2,
+                dtype=torch.bfloat16, device="cuda")
+    h.step_plugin([Work(r, 0, L, L) for r, L in enumerate(lengths)])
+    work = [Work(r, L, L + 1, L) for r, L in enumerate(lengths)]
+    out = h.step_plugin(work, pad=1, pad_reqs=1)
+    assert h.last_metadata.plan.static and h.last_metadata.flash is None
+    assert_close(out, h.dense_reference(work), 2e-2, "graph decode step of a dense layer")
+    assert routes(stats) == ["vllm_flash", "moba"]

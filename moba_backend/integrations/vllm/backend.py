@@ -11,6 +11,12 @@
   vLLM's profiling forward (no metadata) on a GPU it allocates and frees, once per process, the
   bound of a real step's workspace (`moba_backend/workspace.py`), so the memory profile that
   sizes the KV cache counts it.
+- On a GPU, a step MoBA runs dense (a layer in `moba_dense_layers`, or every request of the
+  step below the seq limits), when vLLM runs it eagerly (not a decode graph), goes to vLLM's own
+  FlashAttention (`vllm.vllm_flash_attn`, the version vLLM picks for the GPU) over MoBA's paged
+  K/V views, after the blocks it completes are pooled; checked once per process against plain
+  attention on a small paged batch laid out like the real cache, and left off (one warning) if
+  it cannot run or disagrees.
 - On CPU, a step MoBA runs dense (a layer in `moba_dense_layers`, or every request of the step
   below the seq limits) goes to vLLM's own CPU attention (`CPU_ATTN`'s builder and impl), which
   is several times faster than the torch path; mixed steps with sparse rows stay on MoBA's path.
@@ -71,6 +77,8 @@ CONFIG_ENV = "MOBA_ATTENTION_CONFIG"
 STATS_ENV = "MOBA_STATS_FILE"
 # Set to 0 to keep dense steps on MoBA's torch path on CPU instead of vLLM's CPU attention.
 CPU_DENSE_ENV = "MOBA_CPU_DENSE_ATTN"
+# Set to 0 to keep dense steps on MoBA's kernels on GPUs instead of vLLM's FlashAttention.
+FLASH_ENV = "MOBA_VLLM_FLASH_ATTN"
 # Largest staging buffer for vLLM's CPU attention; a dense step needing more stays on MoBA's path.
 # A decode-only step stages its whole context for one token per request: past a last-level cache
 # (32 MiB) the copy costs more than MoBA's path saves (tests/integrations/bench_cpu_dense.py).
@@ -241,6 +249,7 @@ class MobaMetadata:
     max_query_len: int
     all_dense: bool = False                  # every query of the step selects every block
     cpu_dense: CpuDenseStep | None = None    # set on CPU when some layer runs dense this step
+    flash: FlashStep | None = None           # set on GPUs when some layer may run dense on vLLM's FA
 
 
 class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
@@ -321,9 +330,15 @@ class MobaMetadataBuilder(AttentionMetadataBuilder[MobaMetadata]):
         if self._cpu_builder is not None and T > 0 and (all_dense or self.cfg.moba_dense_layers):
             cap = DECODE_STAGING_CAP_BYTES if n_dec == R else STAGING_CAP_BYTES
             cpu_dense = self._stage_for_cpu_attention(common_prefix_len, cm, T, cap)
+        flash = None
+        if (cpu_dense is None and T > 0 and (all_dense or self.cfg.moba_dense_layers)
+                and _flash.available(self.device)):
+            flash = FlashStep(cu_seqlens_q=cm.query_start_loc[: R + 1], seqused_k=cm.seq_lens[:R],
+                              block_table=cm.block_table_tensor[:R], max_query_len=int(cm.max_query_len),
+                              max_seq_len=int(cm.max_seq_len))
         return MobaMetadata(plan=plan, num_actual_tokens=T, num_decodes=n_dec,
                             num_prefills=R - n_dec, max_query_len=cm.max_query_len,
-                            all_dense=all_dense, cpu_dense=cpu_dense)
+                            all_dense=all_dense, cpu_dense=cpu_dense, flash=flash)
 
     def _host_seq_lens(self, cm: CommonAttentionMetadata) -> torch.Tensor:
         """The step's sequence lengths on the host: vLLM's CPU copy, exact unless speculative
@@ -467,12 +482,22 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
                 _stats.record(moba, plan, None, route="vllm_cpu")
             return output
         sel = [] if _stats.enabled else None
+        dense_attend, ran = None, []
+        step = attn_metadata.flash
+        if step is not None and _flash.usable(query, kv_cache, self.num_kv_heads, self.head_size,
+                                              self.scale, self.logits_soft_cap):
+            def dense_attend(q: torch.Tensor, out: torch.Tensor) -> bool:
+                _flash.attend(q, k_cache, v_cache, out, step, self.scale, self.logits_soft_cap)
+                ran.append(True)
+                return True
         # the step's keys and values are in the cache already; a step of fresh dense prompts
         # reads them from here (`MobaAttention._dense_route`)
         new_k, new_v = (key[:T], value[:T]) if key is not None and value is not None else (None, None)
         moba.forward(query[:T], new_k, new_v, k_cache, v_cache, summaries, plan, out=output[:T],
-                     selection_out=sel, kv_in_cache=True)
-        if sel:
+                     selection_out=sel, kv_in_cache=True, dense_attend=dense_attend)
+        if ran and _stats.enabled:
+            _stats.record(moba, plan, None, route="vllm_flash")
+        elif sel:
             _stats.record(moba, plan, sel[0])
         return output
 
@@ -589,6 +614,145 @@ def _gate_weights(gate_weights: str | None, model_dir: str | None, num_kv_heads:
             f"(none at {model_dir}/moba_mlp_weight.safetensors)")
     return load_gate_weights(path, num_kv_heads=num_kv_heads, block_size=block_size,
                              head_dim=head_dim, dtype=torch.float32)
+
+
+@dataclass
+class FlashStep:
+    """A step's arguments for vLLM's FlashAttention (device tensors of vLLM's own metadata)."""
+
+    cu_seqlens_q: torch.Tensor     # [R + 1] int32
+    seqused_k: torch.Tensor        # [R] int32
+    block_table: torch.Tensor      # [R, max pages] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+class VllmFlash:
+    """vLLM's FlashAttention (`flash_attn_varlen_func`) over MoBA's paged K/V views, for the
+    steps and layers MoBA runs dense on a GPU. vLLM's kernel reads pages `[N, P, HK, D]` with any
+    strides but the last, so it reads MoBA's views (K and V interleaved per row, the summaries
+    in the page padding) in place.
+
+    Resolved once per process (vLLM on CUDA, the FlashAttention version vLLM picks); each new
+    (dtype, shape, layout, soft cap) is first checked on the device against plain attention on a
+    small paged batch laid out like the real cache (a chunk over a cached prefix, a fresh prompt,
+    a decode). If the kernel is missing, raises, or disagrees, the route stays off for that key
+    and MoBA's kernels run the dense steps; the reason is logged once.
+    """
+
+    CHECK_TOL = 2e-2            # relative error of the check (16-bit inputs)
+
+    def __init__(self, fn: Any = None, version: int | None = None) -> None:
+        self._fn, self._version = fn, version
+        self._given = self._resolved = fn is not None     # a kernel handed in (tests) runs anywhere
+        self._ok: dict[tuple, bool] = {}
+
+    def _resolve(self) -> None:
+        if self._resolved:
+            return
+        self._resolved = True
+        if os.environ.get(FLASH_ENV, "1") == "0" or not current_platform.is_cuda():
+            return
+        try:
+            from vllm.v1.attention.backends import fa_utils
+
+            fn, version = fa_utils.flash_attn_varlen_func, fa_utils.get_flash_attn_version()
+        except Exception as e:  # noqa: BLE001 - any failure means: no route
+            log.warning("MoBA: vLLM's FlashAttention is not available (%s); dense steps run on "
+                        "MoBA's kernels", e)
+            return
+        if fn is None or version is None:
+            return
+        self._fn, self._version = fn, version
+
+    def available(self, device: torch.device | str) -> bool:
+        """Whether dense steps on `device` may go to vLLM's FlashAttention (before the check)."""
+        self._resolve()
+        return self._fn is not None and (torch.device(device).type == "cuda" or self._given)
+
+    def usable(self, query: torch.Tensor, kv_cache: torch.Tensor, num_kv_heads: int, head_size: int,
+               scale: float, softcap: float) -> bool:
+        """The route for this layer's inputs: available, 16-bit, and checked on this layout."""
+        if not self.available(query.device) or query.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        key = (query.dtype, query.shape[1], num_kv_heads, head_size, tuple(kv_cache.shape[1:]),
+               tuple(kv_cache.stride()), softcap > 0, str(query.device))
+        if key not in self._ok:
+            self._ok[key] = self._check(query, kv_cache, num_kv_heads, head_size, scale, softcap)
+        return self._ok[key]
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+               step: FlashStep, scale: float, softcap: float) -> None:
+        """Causal attention of the step's queries q [T, H, D] into out [T, H, D]."""
+        self._fn(q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=step.cu_seqlens_q,
+                 max_seqlen_q=step.max_query_len, seqused_k=step.seqused_k,
+                 max_seqlen_k=step.max_seq_len, softmax_scale=scale, causal=True,
+                 block_table=step.block_table, softcap=softcap, fa_version=self._version)
+
+    def _check(self, query: torch.Tensor, kv_cache: torch.Tensor, HK: int, D: int, scale: float,
+               softcap: float) -> bool:
+        dev, dtype, H = query.device, query.dtype, query.shape[1]
+        P = kv_cache.shape[2]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        reqs = [(37, 21), (0, 45), (70, 1)]                      # (cached tokens, new tokens)
+        pages = [-(-(c + n) // P) for c, n in reqs]
+        N = sum(pages) + 1                                       # page 0 unused
+        buf = torch.randn(N * kv_cache.stride(0), generator=g).to(dtype).to(dev)
+        kv = buf.as_strided((N, *kv_cache.shape[1:]), kv_cache.stride())
+        k_cache, v_cache = split_kv_cache(kv, D)
+        perm = (torch.randperm(N - 1, generator=g) + 1).tolist()
+        table = torch.zeros(len(reqs), max(pages), dtype=torch.int32)
+        for r, n in enumerate(pages):
+            table[r, :n] = torch.tensor(perm[:n])
+            perm = perm[n:]
+        T = sum(n for _, n in reqs)
+        q = torch.randn(T, H, D, generator=g).to(dtype).to(dev)
+        lens = [c + n for c, n in reqs]
+        step = FlashStep(
+            cu_seqlens_q=torch.tensor([0] + [sum(n for _, n in reqs[: i + 1]) for i in range(len(reqs))],
+                                      dtype=torch.int32, device=dev),
+            seqused_k=torch.tensor(lens, dtype=torch.int32, device=dev), block_table=table.to(dev),
+            max_query_len=max(n for _, n in reqs), max_seq_len=max(lens))
+        why = None
+        try:
+            out = torch.zeros_like(q)
+            self.attend(q, k_cache, v_cache, out, step, scale, softcap)
+            ref = torch.cat([_paged_causal_reference(q[sum(n for _, n in reqs[:r]):][:n], k_cache, v_cache,
+                                                     table[r], c, scale, softcap)
+                             for r, (c, n) in enumerate(reqs)])
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            if not err <= self.CHECK_TOL:
+                why = f"it differs from plain attention (relative error {err:.2e})"
+        except Exception as e:  # noqa: BLE001 - any failure means: no route
+            why = f"{type(e).__name__}: {e}"
+        if why is not None:
+            log.warning("MoBA: vLLM's FlashAttention (version %s) is not used for dense steps "
+                        "(%s, %d heads of %d KV heads, head size %d, pages of %d): %s",
+                        self._version, dtype, H, HK, D, P, why)
+            return False
+        log.info("MoBA: dense steps run on vLLM's FlashAttention (version %s)", self._version)
+        return True
+
+
+def _paged_causal_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            pages: torch.Tensor, ctx: int, scale: float, softcap: float) -> torch.Tensor:
+    """Causal attention (float64) of one request's n new queries q [n, H, D] at positions
+    ctx .. ctx + n - 1 over its first ctx + n keys, read through its block table row `pages`."""
+    n, H, D = q.shape
+    P, HK = k_cache.shape[1], k_cache.shape[2]
+    L = ctx + n
+    idx = pages[: -(-L // P)].long().to(k_cache.device)
+    k = k_cache[idx].reshape(-1, HK, D)[:L].double().repeat_interleave(H // HK, 1)
+    v = v_cache[idx].reshape(-1, HK, D)[:L].double().repeat_interleave(H // HK, 1)
+    s = torch.einsum("thd,lhd->thl", q.double(), k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(ctx, L, device=q.device)
+    s = s.masked_fill(torch.arange(L, device=q.device)[None, None, :] > pos[:, None, None], float("-inf"))
+    return torch.einsum("thl,lhd->thd", torch.softmax(s, -1), v)
+
+
+_flash = VllmFlash()
 
 
 class _SelectionStats:
