@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moba_backend.attention import MobaAttention, write_kv
+from moba_backend.config import MobaConfig
 from moba_backend.ops.cache import naive as cache_naive
 from moba_backend.plan import DecodePlanBuffers
 from tests.helpers import HAS_CUDA, assert_close, kernel_device, make_batch, moba_cfg, requires_gpu, \
@@ -192,3 +193,18 @@ def test_write_kv_dispatch_on_cpu():
     vc = torch.zeros_like(kc)
     write_kv(k, k, kc, vc, torch.tensor([5, -1]))
     assert torch.equal(kc[1, 1], k[0]) and kc.abs().sum() == k[0].abs().sum()
+
+
+@pytest.mark.parametrize("max_reqs,max_len,page", [(1, 100, 16), (7, 4096, 16), (256, 1 << 17, 64)])
+def test_plan_buffers_nbytes_bounds_what_they_hold(max_reqs, max_len, page):
+    """`DecodePlanBuffers.nbytes` (what the vLLM plugin adds to its memory-profile reservation)
+    covers every buffer, planned once, the block table as wide as the engine's."""
+    bufs = DecodePlanBuffers(MobaConfig(), max_reqs, max_len, page, 8, 2, "cpu", head_dim=64)
+    pages = -(-max_len // page)
+    R = min(max_reqs, 3)
+    bufs.plan(torch.full((R,), min(max_len, 40), dtype=torch.int32),
+              torch.arange(R * pages, dtype=torch.int32).view(R, pages) + 1,
+              torch.arange(R, dtype=torch.int64))
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in vars(bufs).values() if isinstance(t, torch.Tensor)}
+    assert sum(-(-n // 512) * 512 for n in held.values()) <= DecodePlanBuffers.nbytes(max_reqs, max_len, page)

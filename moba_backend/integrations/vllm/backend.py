@@ -429,6 +429,9 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         # (max_model_len, max_num_seqs, page size): what a real step can reach, for the workspace
         # shown to vLLM's memory profile
         self._engine_limits = engine_limits(vllm_config)
+        # the builder's persistent decode-graph plan buffers, made after the profile
+        self._graph_plans = (vllm_config is not None and MobaMetadataBuilder.get_cudagraph_support(
+            vllm_config, None) != AttentionCGSupport.NEVER)
         # vLLM's CPU attention for dense steps (its constructor reads the current engine config)
         self._cpu_impl = None
         if vllm_config is not None and cpu_dense_enabled(vllm_config=vllm_config):
@@ -520,8 +523,11 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         nbytes = max(step_workspace_bytes(
             self.cfg, query.shape[0], max_len, max_reqs, self.num_heads, self.num_kv_heads,
             self.head_size, query.dtype, page_size, dense=dense, impl=moba.impl) for dense in kinds)
-        log.info("MoBA: %.1f MiB of step workspace counted in the memory profile (%d tokens, "
-                 "max_model_len %d, max_num_seqs %d)", nbytes / 2**20, query.shape[0], max_len, max_reqs)
+        plans = DecodePlanBuffers.nbytes(max_reqs, max_len, page_size) if self._graph_plans else 0
+        nbytes += plans
+        log.info("MoBA: %.1f MiB of step workspace and decode-graph plan buffers (%.1f MiB) counted in "
+                 "the memory profile (%d tokens, max_model_len %d, max_num_seqs %d)", nbytes / 2**20,
+                 plans / 2**20, query.shape[0], max_len, max_reqs)
         try:
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=query.device)
         except torch.OutOfMemoryError as e:
