@@ -175,6 +175,57 @@ def _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sj,
 
 
 @triton.jit
+def _group_members(q_ptr, q0, r0, n_rows, i_hk, o_d, m_d, stride_qt, stride_qh,
+                   G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_M - 1 of a group's members (token x head, heads fastest): their
+    query rows i_q, heads i_h, row mask and queries b_q [BLOCK_M, BLOCK_D] (zeros past n_rows)."""
+    o_m = r0 + tl.arange(0, BLOCK_M)
+    m_row = o_m < n_rows
+    i_q = (q0 + o_m // G).to(tl.int64)
+    i_h = i_hk * G + o_m % G
+    b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
+                  mask=m_row[:, None] & m_d[None, :], other=0.0)
+    return i_q, i_h, m_row, b_q
+
+
+@triton.jit
+def _group_scores(b_q, s_ptr, s_row, bt_row, o_j, m_j, i_hk, o_d, m_d,
+                  stride_sp, stride_sslot, stride_ss, stride_sh,
+                  MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr,
+                  DIRECT: tl.constexpr):
+    """`_scores` through the paged cache, or (DIRECT) `_scores_direct` over a compact copy whose
+    (j, slot) strides come in the places of (slot of a page, slot)."""
+    if DIRECT:
+        return _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sslot, MINMAX, IEEE)
+    return _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                   stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
+
+
+@triton.jit
+def _lse_sweep(b_q, s_ptr, s_row, bt_row, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
+               scale_log2, sink, flo, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+               MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr,
+               DIRECT: tl.constexpr):
+    """Running (max, sum) of 2^(s * scale_log2) of each row of b_q over candidates sink .. flo-1:
+    log2-sum-exp2 = m + log2(l) ([BLOCK_M] each; m -inf and l 0 when there is no candidate)."""
+    o_jj = tl.arange(0, BLOCK_J)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(sink, flo, BLOCK_J):
+        o_j = j0 + o_jj
+        m_j = o_j < flo
+        b_s = _group_scores(b_q, s_ptr, s_row, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot,
+                            stride_ss, stride_sh, MOBA_B, PAGE, MINMAX, IEEE, DIRECT)
+        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
+        # each step holds a candidate (j0 < flo), so the running max is finite after the first:
+        # no -inf guard, and the scale folds into one multiply-add
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(b_s * scale_log2 - m_new[:, None]), axis=1)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
 def _group_lse_kernel(
     q_ptr,          # [T, H, D]
     s_ptr,          # [N, SLOTS, S, HK, D]
@@ -203,26 +254,11 @@ def _group_lse_kernel(
     bt_row = bt_ptr + i_req * stride_bt
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_jj = tl.arange(0, BLOCK_J)
-    o_m = r0 + tl.arange(0, BLOCK_M)
-    m_row = o_m < n_rows
-    i_q = (q0 + o_m // G).to(tl.int64)
-    i_h = i_hk * G + o_m % G
-    b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                  mask=m_row[:, None] & m_d[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(sink, flo, BLOCK_J):
-        o_j = j0 + o_jj
-        m_j = o_j < flo
-        b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                      stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
-        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
-        # each step holds a candidate (j0 < flo), so the running max is finite after the first:
-        # no -inf guard, and the scale folds into one multiply-add
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(b_s * scale_log2 - m_new[:, None]), axis=1)
-        m_i = m_new
+    i_q, i_h, m_row, b_q = _group_members(q_ptr, q0, r0, n_rows, i_hk, o_d, m_d, stride_qt, stride_qh,
+                                          G, BLOCK_M)
+    m_i, l_i = _lse_sweep(b_q, s_ptr, s_ptr, bt_row, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                          stride_sh, scale_log2, sink, flo, BLOCK_M, BLOCK_J, MOBA_B, PAGE, MINMAX, IEEE,
+                          False)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     tl.store(lse_ptr + i_q * stride_lt + i_h, lse, mask=m_row)
 
@@ -270,12 +306,9 @@ def _group_max_kernel(
             b_s1 = _load_summary(s_ptr, bt_row, o_j, cand, i_hk, o_d, m_d, stride_ss, stride_sp,
                                  stride_sslot, stride_sh, MOBA_B, PAGE).to(dt)
         for r0 in range(0, n_rows, BLOCK_M):
-            o_m = r0 + tl.arange(0, BLOCK_M)
-            m_row = o_m < n_rows
-            i_q = (q0 + o_m // G).to(tl.int64)
-            i_h = i_hk * G + o_m % G
-            b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                          mask=m_row[:, None] & m_d[None, :], other=0.0).to(dt)
+            i_q, i_h, m_row, b_q = _group_members(q_ptr, q0, r0, n_rows, i_hk, o_d, m_d, stride_qt,
+                                                  stride_qh, G, BLOCK_M)
+            b_q = b_q.to(dt)
             lse = tl.load(lse_ptr + i_q * stride_lt + i_h, mask=m_row, other=float("inf"))
             if MINMAX:
                 q_pos = tl.maximum(b_q, 0.0).to(dt)
@@ -327,38 +360,19 @@ def _group_fused_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_jj = tl.arange(0, BLOCK_J)
-    o_m = r0 + tl.arange(0, BLOCK_M)
-    m_row = o_m < n_rows
-    i_q = (q0 + o_m // G).to(tl.int64)
-    i_h = i_hk * G + o_m % G
-    b_q = tl.load(q_ptr + i_q[:, None] * stride_qt + i_h[:, None] * stride_qh + o_d[None, :],
-                  mask=m_row[:, None] & m_d[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(sink, flo, BLOCK_J):
-        o_j = j0 + o_jj
-        m_j = o_j < flo
-        if DIRECT:
-            b_s = _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sslot, MINMAX, IEEE)
-        else:
-            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
-        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
-        # each step holds a candidate (j0 < flo): the running max is finite after the first
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(b_s * scale_log2 - m_new[:, None]), axis=1)
-        m_i = m_new
+    i_q, i_h, m_row, b_q = _group_members(q_ptr, q0, r0, n_rows, i_hk, o_d, m_d, stride_qt, stride_qh,
+                                          G, BLOCK_M)
+    m_i, l_i = _lse_sweep(b_q, s_ptr, s_row, bt_row, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
+                          stride_sh, scale_log2, sink, flo, BLOCK_M, BLOCK_J, MOBA_B, PAGE, MINMAX, IEEE,
+                          DIRECT)
     # rows past the group's members must not win a max: lse +inf
     lse = tl.where(m_row, m_i + tl.log2(l_i), float("inf"))
     p_o = o_ptr + i_g * stride_og + i_hk * stride_oh
     for j0 in range(sink, flo, BLOCK_J):
         o_j = j0 + o_jj
         m_j = o_j < flo
-        if DIRECT:
-            b_s = _scores_direct(b_q, s_row, o_j, m_j, o_d, m_d, stride_ss, stride_sslot, MINMAX, IEEE)
-        else:
-            b_s = _scores(b_q, s_ptr, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss,
-                          stride_sh, MOBA_B, PAGE, MINMAX, IEEE)
+        b_s = _group_scores(b_q, s_ptr, s_row, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot,
+                            stride_ss, stride_sh, MOBA_B, PAGE, MINMAX, IEEE, DIRECT)
         best = tl.max(b_s * scale_log2 - lse[:, None], axis=0)
         tl.atomic_max(p_o + o_j, best, mask=m_j, sem="relaxed")
 
