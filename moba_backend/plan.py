@@ -332,15 +332,6 @@ class DecodePlanBuffers:
         self.pool_blk = torch.full((max_reqs,), -1, **i32)
         self.block_table: torch.Tensor | None = None
 
-    @staticmethod
-    def nbytes(max_reqs: int, max_seq_len: int, page_size: int) -> int:
-        """Device bytes the buffers hold once planned (each tensor rounded up to the caching
-        allocator's 512 bytes), the block table as wide as an engine's (`max_seq_len` / page):
-        what an engine's memory profile counts beside the step workspace."""
-        r = lambda n: -(-n // 512) * 512  # noqa: E731
-        pages = -(-max_seq_len // page_size)
-        return 8 * r(4 * max_reqs) + 2 * r(8 * max_reqs) + 2 * r(max_reqs) + r(4 * max_reqs * pages)
-
     def plan(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slot_mapping: torch.Tensor,
              prefill: torch.Tensor | None = None) -> MobaPlan:
         """The plan of a step of one token per request: seq_lens [R] (tokens after this step; 0

@@ -52,6 +52,15 @@ def _alloc(nbytes: int) -> int:
     return rounded + (LARGE_SLACK if nbytes > LARGE_SLACK else 0)
 
 
+def decode_plan_buffers_bytes(max_reqs: int, max_seq_len: int, page_size: int) -> int:
+    """Device bytes `DecodePlanBuffers` holds once planned (persistent, beside the per-step
+    workspace): eight int32, two int64 and two bool vectors of `max_reqs`, and the block table
+    `[max_reqs, max_seq_len / page]` int32, as wide as an engine's."""
+    pages = -(-max_seq_len // page_size)
+    return (8 * _alloc(4 * max_reqs) + 2 * _alloc(8 * max_reqs) + 2 * _alloc(max_reqs)
+            + _alloc(4 * max_reqs * pages))
+
+
 def _sort_bytes(n: int, key: int, nsort: int) -> int:
     """`torch.sort` on CUDA of `n` elements of `key` bytes in rows of `nsort` (last dim): values
     and int64 indices; rows up to SMALL_SORT sort in place (an arange of the row's indices), longer

@@ -8,6 +8,7 @@ from moba_backend.attention import MobaAttention, write_kv
 from moba_backend.config import MobaConfig
 from moba_backend.ops.cache import naive as cache_naive
 from moba_backend.plan import DecodePlanBuffers
+from moba_backend.workspace import decode_plan_buffers_bytes
 from tests.helpers import HAS_CUDA, assert_close, kernel_device, make_batch, moba_cfg, requires_gpu, \
     requires_triton
 from tests.test_attention import context_summaries
@@ -197,7 +198,7 @@ def test_write_kv_dispatch_on_cpu():
 
 @pytest.mark.parametrize("max_reqs,max_len,page", [(1, 100, 16), (7, 4096, 16), (256, 1 << 17, 64)])
 def test_plan_buffers_nbytes_bounds_what_they_hold(max_reqs, max_len, page):
-    """`DecodePlanBuffers.nbytes` (what the vLLM plugin adds to its memory-profile reservation)
+    """`decode_plan_buffers_bytes` (what the vLLM plugin adds to its memory-profile reservation)
     covers every buffer, planned once, the block table as wide as the engine's."""
     bufs = DecodePlanBuffers(MobaConfig(), max_reqs, max_len, page, 8, 2, "cpu", head_dim=64)
     pages = -(-max_len // page)
@@ -207,4 +208,4 @@ def test_plan_buffers_nbytes_bounds_what_they_hold(max_reqs, max_len, page):
               torch.arange(R, dtype=torch.int64))
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in vars(bufs).values() if isinstance(t, torch.Tensor)}
-    assert sum(-(-n // 512) * 512 for n in held.values()) <= DecodePlanBuffers.nbytes(max_reqs, max_len, page)
+    assert sum(-(-n // 512) * 512 for n in held.values()) <= decode_plan_buffers_bytes(max_reqs, max_len, page)

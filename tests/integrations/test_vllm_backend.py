@@ -20,7 +20,7 @@ from moba_backend.integrations.vllm.backend import (CPU_DENSE_ENV,  # noqa: E402
                                                     MobaAttentionBackend, MobaAttentionImpl,
                                                     MobaCPUAttentionBackend, STATS_ENV,
                                                     layer_index, summary_bytes_per_page)
-from moba_backend.plan import DecodePlanBuffers  # noqa: E402
+from moba_backend.workspace import decode_plan_buffers_bytes  # noqa: E402
 from tests.helpers import assert_close, requires_gpu  # noqa: E402
 from tests.integrations.vllm_steps import Harness, Shape, Work  # noqa: E402
 
@@ -183,7 +183,7 @@ def test_profiling_run_reserves_the_step_workspace_once(mode, monkeypatch):
     out = torch.empty_like(q)
     # the step workspace, and the builder's decode-graph plan buffers (made after the profile)
     want = (h.impl._layer(h.layer, q.device).workspace_bytes(T, 1 << 16, 32, 16, q.dtype)
-            + DecodePlanBuffers.nbytes(32, 1 << 16, 16))
+            + decode_plan_buffers_bytes(32, 1 << 16, 16))
     for first in (True, False):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -66,7 +66,7 @@ from moba_backend.ops.common import slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.select.fast import selection_mask
 from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
-from moba_backend.workspace import step_workspace_bytes
+from moba_backend.workspace import decode_plan_buffers_bytes, step_workspace_bytes
 
 # Keys of `vllm_config.additional_config` that carry the MoBA config (dict or JSON string).
 CONFIG_KEYS = ("moba_attention_config", "plas_attention_config")
@@ -523,7 +523,7 @@ class MobaAttentionImpl(AttentionImpl[MobaMetadata]):
         nbytes = max(step_workspace_bytes(
             self.cfg, query.shape[0], max_len, max_reqs, self.num_heads, self.num_kv_heads,
             self.head_size, query.dtype, page_size, dense=dense, impl=moba.impl) for dense in kinds)
-        plans = DecodePlanBuffers.nbytes(max_reqs, max_len, page_size) if self._graph_plans else 0
+        plans = decode_plan_buffers_bytes(max_reqs, max_len, page_size) if self._graph_plans else 0
         nbytes += plans
         log.info("MoBA: %.1f MiB of step workspace and decode-graph plan buffers (%.1f MiB) counted in "
                  "the memory profile (%d tokens, max_model_len %d, max_num_seqs %d)", nbytes / 2**20,
