@@ -64,6 +64,7 @@ from moba_backend.attention import MobaAttention, resolve_impl, write_kv
 from moba_backend.config import MobaConfig, MobaConfigError, parse_moba_config
 from moba_backend.ops.common import slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
+from moba_backend.ops.prefill import naive as attn_naive
 from moba_backend.ops.select.fast import selection_mask
 from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
 from moba_backend.workspace import decode_plan_buffers_bytes, step_workspace_bytes
@@ -715,18 +716,20 @@ class VllmFlash:
         q = torch.randn(T, H, D, generator=g).to(dtype).to(dev)
         lens = [c + n for c, n in reqs]
         step = FlashStep(
-            cu_seqlens_q=torch.tensor([0] + [sum(n for _, n in reqs[: i + 1]) for i in range(len(reqs))],
-                                      dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0] + [n for _, n in reqs]).cumsum(0).to(dev, torch.int32),
             seqused_k=torch.tensor(lens, dtype=torch.int32, device=dev), block_table=table.to(dev),
             max_query_len=max(n for _, n in reqs), max_seq_len=max(lens))
+        # the reference: MoBA's own (float32) with every block of a page's size selected
+        token_req = torch.cat([torch.full((n,), r) for r, (_, n) in enumerate(reqs)])
+        token_pos = torch.cat([torch.arange(c, c + n) for c, n in reqs])
+        every = torch.ones(T, H, table.shape[1], dtype=torch.bool)
         why = None
         try:
             out = torch.zeros_like(q)
             self.attend(q, k_cache, v_cache, out, step, scale, softcap)
-            ref = torch.cat([_paged_causal_reference(q[sum(n for _, n in reqs[:r]):][:n], k_cache, v_cache,
-                                                     table[r], c, scale, softcap)
-                             for r, (c, n) in enumerate(reqs)])
-            err = ((out.double() - ref).norm() / ref.norm()).item()
+            ref = attn_naive.sparse_attention(q.float(), k_cache, v_cache, table, token_req, token_pos, every,
+                                              P, scale, softcap)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
             if not err <= self.CHECK_TOL:
                 why = f"it differs from plain attention (relative error {err:.2e})"
         except Exception as e:  # noqa: BLE001 - any failure means: no route
@@ -738,24 +741,6 @@ class VllmFlash:
             return False
         log.info("MoBA: dense steps run on vLLM's FlashAttention (version %s)", self._version)
         return True
-
-
-def _paged_causal_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            pages: torch.Tensor, ctx: int, scale: float, softcap: float) -> torch.Tensor:
-    """Causal attention (float64) of one request's n new queries q [n, H, D] at positions
-    ctx .. ctx + n - 1 over its first ctx + n keys, read through its block table row `pages`."""
-    n, H, D = q.shape
-    P, HK = k_cache.shape[1], k_cache.shape[2]
-    L = ctx + n
-    idx = pages[: -(-L // P)].long().to(k_cache.device)
-    k = k_cache[idx].reshape(-1, HK, D)[:L].double().repeat_interleave(H // HK, 1)
-    v = v_cache[idx].reshape(-1, HK, D)[:L].double().repeat_interleave(H // HK, 1)
-    s = torch.einsum("thd,lhd->thl", q.double(), k) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    pos = torch.arange(ctx, L, device=q.device)
-    s = s.masked_fill(torch.arange(L, device=q.device)[None, None, :] > pos[:, None, None], float("-inf"))
-    return torch.einsum("thl,lhd->thd", torch.softmax(s, -1), v)
 
 
 _flash = VllmFlash()
