@@ -23,8 +23,8 @@ from moba_backend.config import IMPL_ENV, MobaConfig
 from moba_backend.ops.cache import naive as cache_naive
 from moba_backend.ops.common import check, check_cache, slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
-from moba_backend.ops.prefill import naive as attn_naive
-from moba_backend.ops.select.fast import Selection, select, selection_mask
+from moba_backend.ops.prefill import torch_impl as attn_torch
+from moba_backend.ops.select.fast import Selection, select
 from moba_backend.ops.select.naive import SelectParams
 from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
 from moba_backend.workspace import step_workspace_bytes
@@ -205,10 +205,10 @@ class MobaAttention:
         if use_triton:
             self._attend_triton(q, k_cache, v_cache, plan, sel, out, cuda_ops)
         else:
-            mask = selection_mask(sel, plan, self.num_heads)
-            out[:T] = attn_naive.sparse_attention(
-                q, k_cache, v_cache, plan.block_table, plan.token_req, plan.token_pos, mask,
-                cfg.moba_block_size, self.scale, self.softcap, self.window)
+            for tiles in (plan.prefill, plan.decode):
+                attn_torch.sparse_attention_tiles(
+                    q, k_cache, v_cache, plan.block_table, tiles, sel.tile_blocks, sel.tile_nblocks,
+                    sel.member_blocks, out, cfg.moba_block_size, self.scale, self.softcap, self.window)
         return out
 
     def _dense_route(self, q, k, v, plan: MobaPlan, out) -> bool:

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from moba_backend.ops.prefill.naive import sparse_attention
+from moba_backend.ops.prefill.torch_impl import sparse_attention_tiles
+from moba_backend.ops.select.fast import Selection, selection_mask
 from tests.helpers import (HAS_CUDA, assert_close, kernel_device, make_batch, moba_cfg,
                            random_selection, requires_triton)
 
@@ -25,22 +27,32 @@ GPU_CASES = {
 
 def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4, kernel="tile"):
     """kernel `tile`: the per-tile kernel over the union; `by_block`: the `token` kernel
-    organised by KV block (`token_prefill_fwd`)."""
-    from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd, token_prefill_fwd
-
+    organised by KV block (`token_prefill_fwd`); `torch`: the CPU path (`torch_impl`) with the
+    members' own lists; `torch_tiles`: the CPU path with tile lists only (`union`, `shared`)."""
     b = make_batch(reqs, H=H, HK=HK, D=D, P=P, dtype=dtype)
     b.write_new_kv()
     plan = b.plan(moba_cfg(moba_block_size=B, moba_tile_select="token"), device=dev)
     mask, sel = random_selection(plan, H, HK, density=0.4)
+    if kernel == "torch_tiles":
+        sel = Selection(sel.tile_blocks, sel.tile_nblocks, None)
+        mask = selection_mask(sel, plan, H)
     ref = sparse_attention(b.q.double(), b.k_cache.double(), b.v_cache.double(), b.block_table,
                            plan.token_req.cpu(), plan.token_pos.cpu(), mask.cpu(), B, D ** -0.5, softcap, window)
     out = torch.full_like(b.q, float("nan")).to(dev)           # poisoned: every row must be written
     args = (b.q.to(dev), b.k_cache.to(dev), b.v_cache.to(dev), b.block_table.to(dev))
     common = dict(block_size=B, scale=D ** -0.5, softcap=softcap, window=window)
-    if kernel == "tile":
+    if kernel in ("torch", "torch_tiles"):
+        for tiles in (plan.prefill, plan.decode):
+            sparse_attention_tiles(*args, tiles, sel.tile_blocks, sel.tile_nblocks, sel.member_blocks, out,
+                                   **common)
+    elif kernel == "tile":
+        from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
+
         sparse_prefill_fwd(*args, plan.prefill, sel, out, tokens_per_tile=plan.tokens_per_tile,
                            block_m=plan.block_m, **common)
     else:
+        from moba_backend.ops.prefill.triton_impl import token_prefill_fwd
+
         token_prefill_fwd(*args, plan.token_pos, plan.prefill, sel, out,
                           num_visible_blocks=plan.num_visible_blocks, **common)
         # a second layer of the same step reuses the spans kept on the plan's tiles
@@ -52,6 +64,30 @@ def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4,
 
 
 KERNELS = ["tile", "by_block"]
+TORCH_PATHS = ["torch", "torch_tiles"]
+MIXED_WITH_DECODES = ([(37, 90, False), (300, 1, True), (0, 45, False), (64, 1, True)], 8, 2, 64, 32, 16)
+
+
+@pytest.mark.parametrize("kernel", TORCH_PATHS)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_cpu_path_fixed_selection(case, kernel):
+    run_case(*CASES[case], dtype=torch.float32, dev="cpu", kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", TORCH_PATHS)
+def test_cpu_path_mixed_decodes_softcap_window_bf16(kernel):
+    run_case(*MIXED_WITH_DECODES, dtype=torch.float32, dev="cpu", kernel=kernel)
+    run_case([(21, 100, False), (50, 1, True)], 4, 2, 64, 16, 16, torch.float32, "cpu", softcap=5.0,
+             window=40, kernel=kernel)
+    run_case(*CASES["g3_embedded_shape"], dtype=torch.bfloat16, dev="cpu", tol=1e-2, kernel=kernel)
+
+
+def test_cpu_path_batches_within_budget(monkeypatch):
+    """Tiles cut into many batches by the work budget give the same result."""
+    from moba_backend.ops.prefill import torch_impl
+
+    monkeypatch.setattr(torch_impl, "WORK_BUDGET_BYTES", 1)
+    run_case(*CASES["mixed_chunked_g4_p32"], dtype=torch.float32, dev="cpu", kernel="torch")
 
 
 @requires_triton

@@ -28,6 +28,8 @@ from moba_backend.plan import MobaPlan
 
 # Upper bound of one chunk's score buffer (tokens x heads x blocks x 4 bytes).
 SCORE_BUDGET_BYTES = 256 << 20
+# Upper bound of the per-token summary copies `torch_scores` makes to score a chunk at once.
+GATHER_BUDGET_BYTES = 16 << 20
 
 
 @dataclass
@@ -56,15 +58,36 @@ def forced_mask(plan: MobaPlan, groups: torch.Tensor, nbv: int, sink: int) -> tu
 
 def torch_scores(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, t_lo: int, t_hi: int,
                  nbv: int, gate: str, summaries: torch.Tensor) -> torch.Tensor:
-    """Raw gate scores s[t, h, j] of tokens [t_lo, t_hi) against complete blocks: [t, H, NBV] f32."""
+    """Raw gate scores s[t, h, j] of tokens [t_lo, t_hi) against complete blocks: [t, H, NBV] f32.
+
+    `naive.gate_scores` per request and KV head for `minmax`; the other gates are one product
+    per request over all KV heads, or, when the tokens' own copies of their request's
+    summaries fit GATHER_BUDGET_BYTES (decode batches), one product for the whole chunk."""
     T = t_hi - t_lo
-    H = q.shape[1]
+    H, D = q.shape[1:]
     HK = summaries.shape[3]
     G = H // HK
     out = torch.zeros(T, H, nbv, dtype=torch.float32, device=q.device)
     req = plan.token_req[t_lo:t_hi].long()
     nb = summaries.shape[1]
-    if nb == 0:
+    if nb == 0 or T == 0:
+        return out
+    w = min(nb, nbv)
+    if gate != "minmax":
+        # as naive.gate_scores: a 16-bit query meets its summaries rounded to its dtype
+        summ = summaries[:, :w, 0]                                     # [R, w, HK, D]
+        if q.dtype in (torch.float16, torch.bfloat16):
+            summ = summ.to(q.dtype)
+        summ = summ.float()
+        qc = q[t_lo:t_hi].float().view(T, HK, G, D)
+        if T * w * HK * D * 4 <= GATHER_BUDGET_BYTES:
+            s = torch.einsum("tkgd,tjkd->tkgj", qc, summ[req])
+            out[:, :, :w] = s.reshape(T, H, w)
+            return out
+        for r in torch.unique(req).tolist():
+            ti = (req == r).nonzero().flatten()
+            s = torch.einsum("tkgd,jkd->tkgj", qc[ti], summ[r])
+            out[ti, :, :w] = s.reshape(len(ti), H, w)
         return out
     for r in torch.unique(req).tolist():
         ti = (req == r).nonzero().flatten()
