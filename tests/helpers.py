@@ -112,8 +112,7 @@ def moba_cfg(**kw) -> MobaConfig:
 def random_selection(plan: MobaPlan, num_heads: int, num_kv_heads: int, density: float = 0.4,
                      seed: int | None = None):
     """A random per-head selection (own block always in), as (mask [T, H, NBV], Selection)."""
-    from moba_backend.ops.common import SENTINEL
-    from moba_backend.ops.select.fast import Selection, _lists_from_mask
+    from moba_backend.ops.select.fast import selection_from_mask
 
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**31))
     T, nbv = plan.num_tokens, max(plan.num_visible_blocks, 1)
@@ -122,13 +121,6 @@ def random_selection(plan: MobaPlan, num_heads: int, num_kv_heads: int, density:
     own = (pos // plan.block_size)[:, None]
     mask = (torch.rand(T, num_heads, nbv, generator=g) < density) & (j <= own)[:, None, :]
     mask |= (j == own)[:, None, :]
-    G = num_heads // num_kv_heads
-    tiles = plan.token_tile.cpu()
-    tile_mask = torch.zeros(plan.num_tiles, num_kv_heads, nbv, dtype=torch.bool)
-    for h in range(num_heads):
-        tile_mask[:, h // G].index_put_((tiles,), mask[:, h], accumulate=True)
-    lists, counts = _lists_from_mask(tile_mask)
-    members = torch.sort(torch.where(mask, j.int(), SENTINEL), dim=-1).values
-    width = int(mask.sum(-1).max())
     dev = plan.token_pos.device
-    return mask.to(dev), Selection(lists.to(dev), counts.to(dev), members[..., :width].contiguous().to(dev))
+    mask = mask.to(dev)
+    return mask, selection_from_mask(mask, plan, num_kv_heads)

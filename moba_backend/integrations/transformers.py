@@ -12,14 +12,13 @@ What works: any batch size without padding (each row is its own request), prefil
 cache (`use_cache=False`, what the quality harness runs) and with transformers' own cache
 (`generate`: earlier tokens are the cached context, a one-token step is a decode step). Not
 supported: padded batches (transformers passes no mask to custom implementations, so padding
-cannot be seen), dropout, and logit soft capping in `attend="gather"`.
+cannot be seen) and dropout.
 
 Two ways to attend, both with the same block summaries and the same selection (`fast.select`):
 - `attend="moba"`: `MobaAttention.forward` (impl `torch` on CPU, Triton kernels on CUDA).
-- `attend="gather"`: attention gathered block by block per query tile in torch. Equal to
-  `moba` within float rounding, several times faster on CPU because it computes only the
-  selected blocks (the torch reference computes every key and masks); it also accepts a custom
-  gate scorer (the quality harness's oracle) and can measure block recall.
+- `attend="gather"`: the selection as a dense mask [T, H, NBV], attended by the torch path
+  (`ops/prefill/torch_impl.py`) whatever the device. Equal to `moba` within float rounding; it
+  also accepts a custom gate scorer (the quality harness's oracle) and can measure block recall.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ from moba_backend.attention import MobaAttention
 from moba_backend.config import MobaConfig, parse_moba_config
 from moba_backend.ops.common import check
 from moba_backend.ops.pooling import naive as pooling_naive
-from moba_backend.ops.select.fast import select, selection_mask
+from moba_backend.ops.prefill import torch_impl as attn_torch
+from moba_backend.ops.select.fast import select, selection_from_mask, selection_mask
 from moba_backend.plan import build_plan
 
 NAME = "moba"
@@ -216,8 +216,12 @@ def _run_request(state: MobaState, layer: MobaAttention, q: torch.Tensor, k: tor
             mask = mask_from_scores(scores, plan, layer.params, summary_cache)
         else:
             mask = selection_mask(select(q, summary_cache, plan, layer.params), plan, H)
-        out = gather_attention(q, k, v, mask, pos, B, layer.scale, layer.window)
-        check(layer.softcap == 0.0, "attend='gather' does not support logit soft capping")
+        sel = selection_from_mask(mask, plan, HK)
+        out = torch.empty_like(q)
+        for tiles in (plan.prefill, plan.decode):
+            attn_torch.sparse_attention_tiles(q, k_cache, v_cache, block_table, tiles, sel.tile_blocks,
+                                              sel.tile_nblocks, sel.member_blocks, out, B, layer.scale,
+                                              layer.softcap, layer.window)
     if need_mask:
         _account(state, layer, q, k, mask, pos)
     return out
@@ -229,55 +233,6 @@ def mask_from_scores(scores: torch.Tensor, plan, p, summary_cache: torch.Tensor)
     sel = select(scores.new_empty(scores.shape[0], scores.shape[1], 1), summary_cache, plan, p,
                  scorer=lambda q, sc, plan, lo, hi, nbv: scores[lo:hi, :, :nbv])
     return selection_mask(sel, plan, scores.shape[1])
-
-
-def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     pos: torch.Tensor, block_size: int, scale: float, window: int = -1,
-                     tile: int = 128) -> torch.Tensor:
-    """Attention over selected blocks, computing only the blocks a query tile selected.
-
-    q [T, H, D]; k, v [L, HK, D]; mask [T, H, NBV] bool (blocks each query head attends);
-    pos [T] absolute positions. Returns [T, H, D] in q's dtype (float32 math).
-    """
-    T, H, D = q.shape
-    L, HK, _ = k.shape
-    G = H // HK
-    B = block_size
-    NB = (L + B - 1) // B
-    nbv = mask.shape[-1]
-    dev = q.device
-    pad = NB * B - L
-    kb = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad)).view(NB, B, HK, D).permute(2, 0, 1, 3)
-    vb = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, pad)).view(NB, B, HK, D).permute(2, 0, 1, 3)
-    out = torch.empty(T, H, D, dtype=q.dtype, device=dev)
-    hk = torch.arange(HK, device=dev)[:, None]
-    off = torch.arange(B, device=dev)
-    for a in range(0, T, tile):
-        m = mask[a:a + tile].view(-1, HK, G, nbv)                               # [t, HK, G, NBV]
-        t = m.shape[0]
-        tile_blocks = m.any(0).any(1)                                           # [HK, NBV]
-        n = max(1, int(tile_blocks.sum(-1).max()))
-        j = torch.arange(nbv, device=dev)
-        idx = torch.sort(torch.where(tile_blocks, j, nbv), dim=-1).values[:, :n]  # [HK, n]
-        valid = idx < nbv
-        idx = idx.clamp(max=min(nbv, NB) - 1)
-        kk = kb[hk, idx].reshape(HK, n * B, D)                                  # [HK, n*B, D]
-        vv = vb[hk, idx].reshape(HK, n * B, D)
-        qq = q[a:a + t].float().view(t, HK, G, D).permute(1, 2, 0, 3).reshape(HK, G * t, D)
-        s = (qq @ kk.transpose(1, 2)).view(HK, G, t, n, B) * scale
-        member = torch.gather(m.permute(1, 2, 0, 3), 3, idx[:, None, None, :].expand(HK, G, t, n))
-        member = member & valid[:, None, None, :]                               # [HK, G, t, n]
-        key_pos = (idx[:, :, None] * B + off).view(HK, 1, 1, n, B)
-        p = pos[a:a + t].view(1, 1, t, 1, 1)
-        # NOTE: broadcast masks: the block mask per block, causality per key; no [.., n*B] bool copy
-        s = s.masked_fill(~member[..., None], float("-inf"))
-        s = s.masked_fill((key_pos > p) | (key_pos >= L), float("-inf"))
-        if window > 0:
-            s = s.masked_fill(p - key_pos >= window, float("-inf"))
-        s = s.view(HK, G, t, n * B)
-        o = torch.softmax(s, dim=-1).view(HK, G * t, n * B) @ vv                # [HK, G*t, D]
-        out[a:a + t] = o.view(HK, G, t, D).permute(2, 0, 1, 3).reshape(t, H, D).to(q.dtype)
-    return out
 
 
 def block_attention_mass(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, block_size: int,

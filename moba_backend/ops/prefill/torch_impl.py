@@ -56,7 +56,8 @@ def sparse_attention_tiles(
     rows = tiles.index.long()
     nblk = tile_nblocks[rows].long()                                   # [NT, HK]
     tt = int(tiles.length.max())
-    per_tile = HK * B * max(1, int(nblk.max())) * (2 * D * 4 + G * tt * (1 + (4 if softcap > 0 else 0)))
+    scores = member_blocks is not None or softcap > 0      # explicit [.., G, tt, L] scores and probabilities
+    per_tile = HK * B * max(1, int(nblk.max())) * (2 * D * 4 + tt + (8 * G * tt if scores else 0))
     step = max(1, WORK_BUDGET_BYTES // per_tile)
     for lo in range(0, NT, step):
         sl = slice(lo, min(NT, lo + step))
@@ -154,25 +155,26 @@ def _attend_batch(q, k_cache, v_cache, block_table, req, q0, length, pos0, block
     allowed = key_ok[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, :, None])
     if window > 0:
         allowed &= qpos[:, None, :, None] - kpos[:, :, None, :] < window
-    allowed = allowed[:, :, None]                                             # [n, HK, 1, tt, L]
-    if member_blocks is not None:
-        mem = member_blocks.to(dev)[qrow].long().view(n, tt, HK, G, -1)       # [n, tt, HK, G, W]
-        mem = torch.where(mem == SENTINEL, -1, mem)
-        own = (mem[..., None] == torch.where(blk_ok, blocks, -2)[:, None, :, None, None, :]).any(-2)
-        own = own.permute(0, 2, 3, 1, 4).repeat_interleave(B, dim=-1)         # [n, HK, G, tt, L]
-        allowed = allowed & own
     # padded query rows attend everything (their output is dropped): no fully masked row
-    allowed = allowed | ~q_ok[:, None, None, :, None]
-
-    if softcap > 0:
-        s = torch.einsum("nkgtd,nkld->nkgtl", qt, kc) * scale
-        s = softcap * torch.tanh(s / softcap)
-        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-        o = torch.einsum("nkgtl,nkld->nkgtd", p, vc)
-    else:
+    allowed = (allowed | ~q_ok[:, None, :, None])[:, :, None]                 # [n, HK, 1, tt, L]
+    if member_blocks is None and softcap <= 0:
         o = F.scaled_dot_product_attention(
             qt.flatten(0, 1), kc.flatten(0, 1)[:, None], vc.flatten(0, 1)[:, None],
             attn_mask=allowed.flatten(0, 1), scale=scale, enable_gqa=G > 1)
         o = o.view(n, HK, G, tt, D)
+    else:
+        # explicit scores: the members' own lists mask whole blocks (a [.., lw, 1] broadcast,
+        # never a per-key copy per head), and a soft cap needs the raw logits
+        s = torch.einsum("nkgtd,nkld->nkgtl", qt, kc) * scale                 # [n, HK, G, tt, L]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        s.masked_fill_(~allowed, float("-inf"))
+        if member_blocks is not None:
+            mem = member_blocks.to(dev)[qrow].long().view(n, tt, HK, G, -1)   # [n, tt, HK, G, W]
+            mem = torch.where(mem == SENTINEL, -1, mem)
+            own = (mem[..., None] == torch.where(blk_ok, blocks, -2)[:, None, :, None, None, :]).any(-2)
+            own = own.permute(0, 2, 3, 1, 4) | ~q_ok[:, None, None, :, None]  # [n, HK, G, tt, lw]
+            s.view(n, HK, G, tt, lw, B).masked_fill_(~own[..., None], float("-inf"))
+        o = torch.einsum("nkgtl,nkld->nkgtd", torch.softmax(s, dim=-1), vc)
     o = o.permute(0, 3, 1, 2, 4).reshape(n, tt, H, D)
     out[qrow[q_ok]] = o[q_ok].to(out.dtype)

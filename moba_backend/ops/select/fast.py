@@ -260,3 +260,19 @@ def selection_mask(sel: Selection, plan: MobaPlan, num_heads: int) -> torch.Tens
     tile_mask = torch.zeros(NT, HK, nbv + 1, dtype=torch.bool, device=sel.tile_blocks.device)
     tile_mask.scatter_(2, torch.where(valid, sel.tile_blocks.long(), nbv).clamp(max=nbv), True)
     return tile_mask[plan.token_tile][:, torch.arange(num_heads) // G, :nbv]   # [T, H, NBV]
+
+
+def selection_from_mask(mask: torch.Tensor, plan: MobaPlan, num_kv_heads: int) -> Selection:
+    """The Selection a mask [T, H, NBV] bool stands for (the inverse of `selection_mask`): each
+    member's own ascending list, and per kernel tile and KV head the union of its members'."""
+    T, H, nbv = mask.shape
+    G = H // num_kv_heads
+    tile_mask = torch.zeros(plan.num_tiles, num_kv_heads, nbv, dtype=torch.bool, device=mask.device)
+    tile_mask.index_put_((plan.token_tile.to(mask.device),), mask.view(T, num_kv_heads, G, nbv).any(2),
+                         accumulate=True)
+    lists, counts = _lists_from_mask(tile_mask)
+    j = torch.arange(nbv, device=mask.device, dtype=torch.int32)
+    members = torch.sort(torch.where(mask, j, SENTINEL), dim=-1).values
+    width = max(1, int(mask.sum(-1).max())) if T else 1
+    return Selection(lists, counts, members[..., :width].contiguous())
+
