@@ -23,8 +23,9 @@ NOTE: this mirrors the ops as they are; a change to what they allocate must chan
 (tests/test_workspace.py measures real steps against it, on CPU and on a GPU).
 
 Not counted: the caller's `out` (vLLM passes its own), the engine's block table and slot
-mapping (used in place: int32 / int64 on the device), the torch reference path (`impl="torch"`,
-which materialises dense masks), and the `$MOBA_STATS_FILE` statistics.
+mapping (used in place: int32 / int64 on the device), the torch path (`impl="torch"`: batches
+of tiles within `torch_impl.WORK_BUDGET_BYTES` plus SDPA's own buffers, and the dense score
+chunks of its selection), and the `$MOBA_STATS_FILE` statistics.
 """
 
 from __future__ import annotations

@@ -80,6 +80,9 @@ def test_cpu_path_mixed_decodes_softcap_window_bf16(kernel):
     run_case([(21, 100, False), (50, 1, True)], 4, 2, 64, 16, 16, torch.float32, "cpu", softcap=5.0,
              window=40, kernel=kernel)
     run_case(*CASES["g3_embedded_shape"], dtype=torch.bfloat16, dev="cpu", tol=1e-2, kernel=kernel)
+    # head dim 80, group 5, pages of 48 (not a multiple of the block of 32, nor of it a divisor)
+    run_case([(37, 90, False), (100, 1, True), (0, 61, False)], 10, 2, 80, 48, 32, torch.float32, "cpu",
+             kernel=kernel)
 
 
 def test_cpu_path_batches_within_budget(monkeypatch):
