@@ -23,7 +23,7 @@ import torch
 
 from moba_backend.ops.common import SENTINEL
 from moba_backend.ops.pooling.naive import read_block_summaries
-from moba_backend.ops.select.naive import SelectParams, gate_scores
+from moba_backend.ops.select.naive import SelectParams
 from moba_backend.plan import MobaPlan
 
 # Upper bound of one chunk's score buffer (tokens x heads x blocks x 4 bytes).
@@ -60,9 +60,11 @@ def torch_scores(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, t
                  nbv: int, gate: str, summaries: torch.Tensor) -> torch.Tensor:
     """Raw gate scores s[t, h, j] of tokens [t_lo, t_hi) against complete blocks: [t, H, NBV] f32.
 
-    `naive.gate_scores` per request and KV head for `minmax`; the other gates are one product
-    per request over all KV heads, or, when the tokens' own copies of their request's
-    summaries fit GATHER_BUDGET_BYTES (decode batches), one product for the whole chunk."""
+    One product per request over all KV heads or, when the tokens' own copies of their
+    request's summaries fit GATHER_BUDGET_BYTES (decode batches), one for the whole chunk.
+    `minmax` (SPEC.md: sum over d of max(q_d * max_d, q_d * min_d)) is computed as
+    relu(q) . max + min(q, 0) . min, the same value (max_d >= min_d), as two products.
+    """
     T = t_hi - t_lo
     H, D = q.shape[1:]
     HK = summaries.shape[3]
@@ -73,29 +75,22 @@ def torch_scores(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, t
     if nb == 0 or T == 0:
         return out
     w = min(nb, nbv)
-    if gate != "minmax":
-        # as naive.gate_scores: a 16-bit query meets its summaries rounded to its dtype
-        summ = summaries[:, :w, 0]                                     # [R, w, HK, D]
-        if q.dtype in (torch.float16, torch.bfloat16):
-            summ = summ.to(q.dtype)
-        summ = summ.float()
-        qc = q[t_lo:t_hi].float().view(T, HK, G, D)
-        if T * w * HK * D * 4 <= GATHER_BUDGET_BYTES:
-            s = torch.einsum("tkgd,tjkd->tkgj", qc, summ[req])
-            out[:, :, :w] = s.reshape(T, H, w)
-            return out
-        for r in torch.unique(req).tolist():
-            ti = (req == r).nonzero().flatten()
-            s = torch.einsum("tkgd,jkd->tkgj", qc[ti], summ[r])
-            out[ti, :, :w] = s.reshape(len(ti), H, w)
+    # as naive.gate_scores: a 16-bit query meets its summaries rounded to its dtype
+    summ = summaries[:, :w]                                            # [R, w, S, HK, D]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        summ = summ.to(q.dtype)
+    summ = summ.float()
+    qc = q[t_lo:t_hi].float().view(T, HK, G, D)
+    parts = ([(qc.clamp(min=0), summ[:, :, 0]), (qc.clamp(max=0), summ[:, :, 1])] if gate == "minmax"
+             else [(qc, summ[:, :, 0])])
+    if T * w * HK * D * 4 * len(parts) <= GATHER_BUDGET_BYTES:
+        s = sum(torch.einsum("tkgd,tjkd->tkgj", qq, sm[req]) for qq, sm in parts)
+        out[:, :, :w] = s.reshape(T, H, w)
         return out
     for r in torch.unique(req).tolist():
         ti = (req == r).nonzero().flatten()
-        qr = q[t_lo + ti]                                            # [t, H, D]
-        for hk in range(HK):
-            qm = qr[:, hk * G:(hk + 1) * G].reshape(-1, qr.shape[-1])
-            s = gate_scores(qm, summaries[r, :, :, hk], gate)        # [t*G, NB]
-            out[ti, hk * G:(hk + 1) * G, :nb] = s.view(len(ti), G, nb)[:, :, :nbv]
+        s = sum(torch.einsum("tkgd,jkd->tkgj", qq[ti], sm[r]) for qq, sm in parts)
+        out[ti, :, :w] = s.reshape(len(ti), H, w)
     return out
 
 
