@@ -48,25 +48,25 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
   MOBA_CHECK_DIM(nblocks, 2);
   MOBA_CHECK_DIM(block_table, 2);
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "q dtype must be bfloat16 or float16, got ", dt);
+  MOBA_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "q dtype must be bfloat16 or float16, got ", dt);
   MOBA_CHECK_DTYPE(k_cache, dt);
   MOBA_CHECK_DTYPE(v_cache, dt);
   MOBA_CHECK_DTYPE(out, dt);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " != k_cache shape ",
+  MOBA_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " != k_cache shape ",
               k_cache.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "out shape ", out.sizes(), " != q shape ", q.sizes());
+  MOBA_CHECK(out.sizes() == q.sizes(), "out shape ", out.sizes(), " != q shape ", q.sizes());
   check_vec16(q, "q");
   check_vec16(k_cache, "k_cache");
   check_vec16(v_cache, "v_cache");
   check_vec16(out, "out");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t P = k_cache.size(1), HK = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "head dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
-  TORCH_CHECK(D == 64 || D == 128 || D == 256, "head dim must be 64, 128 or 256, got ", D);
-  TORCH_CHECK(P >= 16 && P % 16 == 0, "page size must be a multiple of 16, got ", P);
-  TORCH_CHECK(is_pow2(block_size) && block_size >= 16, "block_size must be a power of two >= 16, got ", block_size);
-  TORCH_CHECK(H % HK == 0, "query heads (", H, ") must be a multiple of KV heads (", HK, ")");
-  TORCH_CHECK(H / HK <= kMaxGroup, "query heads per KV head must be <= ", kMaxGroup, ", got ", H / HK);
+  MOBA_CHECK(k_cache.size(3) == D, "head dim of q (", D, ") and k_cache (", k_cache.size(3), ") differ");
+  MOBA_CHECK(D == 64 || D == 128 || D == 256, "head dim must be 64, 128 or 256, got ", D);
+  MOBA_CHECK(P >= 16 && P % 16 == 0, "page size must be a multiple of 16, got ", P);
+  MOBA_CHECK(is_pow2(block_size) && block_size >= 16, "block_size must be a power of two >= 16, got ", block_size);
+  MOBA_CHECK(H % HK == 0, "query heads (", H, ") must be a multiple of KV heads (", HK, ")");
+  MOBA_CHECK(H / HK <= kMaxGroup, "query heads per KV head must be <= ", kMaxGroup, ", got ", H / HK);
   check_index(block_table, "block_table");
   check_index(tile_req, "tile_req");
   check_index(tile_q0, "tile_q0");
@@ -76,13 +76,13 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
   check_index(nblocks, "nblocks");
   MOBA_CHECK_DTYPE(tile_index, at::kLong);
   const int64_t NT = tile_req.numel();
-  TORCH_CHECK(tile_q0.numel() == NT && tile_len.numel() == NT && tile_pos0.numel() == NT && tile_index.numel() == NT,
+  MOBA_CHECK(tile_q0.numel() == NT && tile_len.numel() == NT && tile_pos0.numel() == NT && tile_index.numel() == NT,
               "tile_req, tile_q0, tile_len, tile_pos0 and tile_index must all be [", NT, "]");
-  TORCH_CHECK(tile_index.is_contiguous(), "tile_index must be contiguous");
-  TORCH_CHECK(blocks.size(1) == HK && nblocks.size(1) == HK && blocks.size(0) == nblocks.size(0),
+  MOBA_CHECK(tile_index.is_contiguous(), "tile_index must be contiguous");
+  MOBA_CHECK(blocks.size(1) == HK && nblocks.size(1) == HK && blocks.size(0) == nblocks.size(0),
               "blocks must be [NT_all, ", HK, ", LW] and nblocks [NT_all, ", HK, "], got ", blocks.sizes(), " and ",
               nblocks.sizes());
-  TORCH_CHECK(T < (int64_t(1) << 31), "too many tokens");
+  MOBA_CHECK(T < (int64_t(1) << 31), "too many tokens");
 
   AttnParams p{};
   p.q = q.data_ptr();
@@ -147,7 +147,7 @@ void prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v
              double scale, double softcap, int64_t window) {
   AttnParams p = attn_params(q, k_cache, v_cache, out, block_table, tile_req, tile_q0, tile_len, tile_pos0,
                              tile_index, blocks, nblocks, block_size, scale, softcap, window);
-  TORCH_CHECK(tokens_per_tile >= 1, "tokens_per_tile must be >= 1, got ", tokens_per_tile);
+  MOBA_CHECK(tokens_per_tile >= 1, "tokens_per_tile must be >= 1, got ", tokens_per_tile);
   p.rows_per_tile = static_cast<int>(tokens_per_tile * p.group);
   if (p.num_tiles == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -163,7 +163,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             double scale, double softcap, int64_t window) {
   AttnParams p = attn_params(q, k_cache, v_cache, out, block_table, tile_req, tile_q0, tile_len, tile_pos0,
                              tile_index, blocks, nblocks, block_size, scale, softcap, window);
-  TORCH_CHECK(num_splits >= 1 && num_splits <= 1024, "num_splits must be in [1, 1024], got ", num_splits);
+  MOBA_CHECK(num_splits >= 1 && num_splits <= 1024, "num_splits must be in [1, 1024], got ", num_splits);
   p.num_splits = static_cast<int>(num_splits);
   if (p.num_tiles == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());

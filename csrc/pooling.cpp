@@ -42,34 +42,34 @@ void pool(const at::Tensor& k_cache,        // [N, P, HK, D]
   check_index(block_table, "block_table");
   check_index(work_req, "work_req");
   check_index(work_blk, "work_blk");
-  TORCH_CHECK(work_req.dim() == 1 && work_blk.dim() == 1 && work_req.numel() == work_blk.numel() &&
+  MOBA_CHECK(work_req.dim() == 1 && work_blk.dim() == 1 && work_req.numel() == work_blk.numel() &&
                   (work_req.numel() <= 1 || (work_req.stride(0) == 1 && work_blk.stride(0) == 1)),
               "work_req and work_blk must be contiguous [W] of one length");
   const auto kt = k_cache.scalar_type(), st = summary_cache.scalar_type();
-  TORCH_CHECK(kt == at::kBFloat16 || kt == at::kHalf || kt == at::kFloat,
+  MOBA_CHECK(kt == at::kBFloat16 || kt == at::kHalf || kt == at::kFloat,
               "k_cache dtype must be bfloat16, float16 or float32, got ", kt);
-  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
+  MOBA_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
               "summary_cache dtype must be bfloat16, float16 or float32, got ", st);
   const int64_t P = k_cache.size(1), HK = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(is_pow2(block_size) && block_size >= 16, "block_size must be a power of two >= 16, got ", block_size);
+  MOBA_CHECK(is_pow2(block_size) && block_size >= 16, "block_size must be a power of two >= 16, got ", block_size);
   const int64_t vec = 16 / k_cache.element_size();
-  TORCH_CHECK(D % vec == 0 && D / vec <= 256 && 256 % (D / vec) == 0,
+  MOBA_CHECK(D % vec == 0 && D / vec <= 256 && 256 % (D / vec) == 0,
               "head dim must be a power of two from ", vec, " to ", 256 * vec, ", got ", D);
   check_vec16(k_cache, "k_cache");
-  TORCH_CHECK(gate >= 0 && gate <= 3, "gate must be 0 (mean), 1 (max), 2 (minmax) or 3 (learned), got ", gate);
+  MOBA_CHECK(gate >= 0 && gate <= 3, "gate must be 0 (mean), 1 (max), 2 (minmax) or 3 (learned), got ", gate);
   const int64_t slots = P > block_size ? P / block_size : 1;
-  TORCH_CHECK(summary_cache.size(0) == k_cache.size(0) && summary_cache.size(1) == slots &&
+  MOBA_CHECK(summary_cache.size(0) == k_cache.size(0) && summary_cache.size(1) == slots &&
                   summary_cache.size(2) == (gate == 2 ? 2 : 1) && summary_cache.size(3) == HK &&
                   summary_cache.size(4) == D,
               "summary_cache must be [", k_cache.size(0), ", ", slots, ", ", gate == 2 ? 2 : 1, ", ", HK, ", ", D,
               "], got ", summary_cache.sizes());
   const float* w = nullptr;
   if (gate == 3) {
-    TORCH_CHECK(weight.has_value(), "gate learned needs weight [HK, B, D]");
+    MOBA_CHECK(weight.has_value(), "gate learned needs weight [HK, B, D]");
     const auto& wt = *weight;
     MOBA_CHECK_SAME_DEVICE(wt, k_cache);
     MOBA_CHECK_DTYPE(wt, at::kFloat);
-    TORCH_CHECK(wt.is_contiguous() && wt.dim() == 3 && wt.size(0) == HK && wt.size(1) == block_size &&
+    MOBA_CHECK(wt.is_contiguous() && wt.dim() == 3 && wt.size(0) == HK && wt.size(1) == block_size &&
                     wt.size(2) == D,
                 "weight must be contiguous [", HK, ", ", block_size, ", ", D, "], got ", wt.sizes());
     w = wt.data_ptr<float>();

@@ -143,3 +143,28 @@ def test_cuda_layer_matches_triton(mode):
         summ = torch.zeros(attn.summary_shape(b.k_cache.shape[0], P), device="cuda")
         outs[impl] = attn.forward(b.q, b.k, b.v, b.k_cache.clone(), b.v_cache.clone(), summ, plan)
     assert_close(outs["cuda"].float(), outs["triton"].float(), 1e-2, f"layer {mode}")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(D=96), "head dim must be 64, 128 or 256, got 96"),
+    (dict(P=8), "page size must be a multiple of 16, got 8"),
+    (dict(block_size=48), "block_size must be a power of two >= 16, got 48"),
+    (dict(v_pages=5), "v_cache shape [5, 16, 2, 128] != k_cache shape [4, 16, 2, 128]"),
+], ids=["head_dim_96", "page_8", "block_48", "v_shape"])
+def test_cuda_launchers_raise_clear_errors(bad, message):
+    """A bad input to the decode launcher raises with the value named (it once crashed the
+    process: messages with numbers went through c10::str; see csrc/checks.h)."""
+    from moba_backend.ops import cuda_ext
+
+    D, P, T, H, HK = bad.get("D", 128), bad.get("P", 16), 2, 8, 2
+    dev, i32 = "cuda", dict(dtype=torch.int32, device="cuda")
+    q = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+    kc = torch.randn(4, P, HK, D, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn(bad.get("v_pages", 4), P, HK, D, device=dev, dtype=torch.bfloat16)
+    blocks = torch.zeros(T, HK, 1, **i32)
+    with pytest.raises(RuntimeError) as e:
+        cuda_ext.ops().decode(q, kc, vc, torch.empty_like(q), torch.zeros(T, 4, **i32), torch.arange(T, **i32),
+                              torch.arange(T, **i32), torch.ones(T, **i32), torch.zeros(T, **i32),
+                              torch.arange(T, device=dev), blocks, torch.ones(T, HK, **i32),
+                              bad.get("block_size", 32), 1, 0.1, 0.0, -1)
+    assert message in str(e.value)
