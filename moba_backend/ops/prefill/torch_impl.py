@@ -56,7 +56,8 @@ def sparse_attention_tiles(
     rows = tiles.index.long()
     nblk = tile_nblocks[rows].long()                                   # [NT, HK]
     tt = int(tiles.length.max())
-    scores = member_blocks is not None or softcap > 0      # explicit [.., G, tt, L] scores and probabilities
+    # explicit [.., G, tt, L] scores and probabilities (see _attend_batch)
+    scores = member_blocks is not None or softcap > 0 or tt == 1
     per_tile = HK * B * max(1, int(nblk.max())) * (2 * D * 4 + tt + (8 * G * tt if scores else 0))
     step = max(1, WORK_BUDGET_BYTES // per_tile)
     for lo in range(0, NT, step):
@@ -157,14 +158,15 @@ def _attend_batch(q, k_cache, v_cache, block_table, req, q0, length, pos0, block
         allowed &= qpos[:, None, :, None] - kpos[:, :, None, :] < window
     # padded query rows attend everything (their output is dropped): no fully masked row
     allowed = (allowed | ~q_ok[:, None, :, None])[:, :, None]                 # [n, HK, 1, tt, L]
-    if member_blocks is None and softcap <= 0:
+    if member_blocks is None and softcap <= 0 and tt > 1:
         o = F.scaled_dot_product_attention(
             qt.flatten(0, 1), kc.flatten(0, 1)[:, None], vc.flatten(0, 1)[:, None],
             attn_mask=allowed.flatten(0, 1), scale=scale, enable_gqa=G > 1)
         o = o.view(n, HK, G, tt, D)
     else:
         # explicit scores: the members' own lists mask whole blocks (a [.., lw, 1] broadcast,
-        # never a per-key copy per head), and a soft cap needs the raw logits
+        # never a per-key copy per head), a soft cap needs the raw logits, and for one-token
+        # tiles (decode) two products cost less than SDPA's setup
         s = torch.einsum("nkgtd,nkld->nkgtl", qt, kc) * scale                 # [n, HK, G, tt, L]
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
