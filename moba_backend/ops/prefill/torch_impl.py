@@ -3,12 +3,14 @@
 The reference (`naive.sparse_attention`) masks a dense [tokens, heads, keys] score matrix per
 request; this path computes only what a kernel would: each kernel tile gathers the keys and
 values of its own block list once per KV head (GQA: one gather for the group's query heads) and
-attends them with torch's fused SDPA under a mask holding causality, the sliding window and, in
-`token` mode, each member's own subset. Consecutive kernel tiles of a request are first merged
-into runs of up to `MERGE_TOKENS` tokens (those with equal lists; in `token` mode any, over the
-union of their lists, the members' own lists still masking), so a run gathers its keys once.
-Tiles are batched (padded to the widest list of the batch) and cut into batches of at most
-`WORK_BUDGET_BYTES` of gathered keys, values and mask. Computed in float32, as the reference.
+attends them under a mask holding causality and the sliding window: with torch's fused SDPA, or
+with two explicit products where SDPA does not fit (`token` mode, whose members' own subsets
+mask whole blocks; a soft cap; one-token decode tiles). Consecutive kernel tiles of a request
+are first merged into runs of up to `MERGE_TOKENS` tokens (those with equal lists; in `token`
+mode any, over the union of their lists, the members' own lists still masking), so a run
+gathers its keys once. Tiles are batched (padded to the widest list of the batch) and cut into
+batches of at most `WORK_BUDGET_BYTES` of gathered keys, values, mask and scores. Computed in
+float32, as the reference.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from moba_backend.ops.common import SENTINEL
 from moba_backend.plan import TileSet
 
-# gathered K/V + mask (+ scores with a soft cap) of one batch of tiles
+# gathered K/V, mask and explicit scores of one batch of tiles
 WORK_BUDGET_BYTES = 64 << 20
 # tokens of a merged run of kernel tiles
 MERGE_TOKENS = 128
