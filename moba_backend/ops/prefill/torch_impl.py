@@ -112,19 +112,27 @@ def _merge_runs(tiles: TileSet, blocks: torch.Tensor, nblocks: torch.Tensor, uni
     return merged, lists.to(blocks.device), counts.to(nblocks.device)
 
 
-def _gather_rows(cache: torch.Tensor, page: torch.Tensor, slot: torch.Tensor, hk: torch.Tensor) -> torch.Tensor:
-    """cache[page, slot, hk] ([..., D], indices broadcast): one `index_select` of whole rows
-    over a flat row view of the cache when its strides allow (rows copied whole: several times
-    faster on CPU than element-wise advanced indexing), advanced indexing otherwise."""
-    D = cache.shape[-1]
-    strides = cache.stride()[:3]
-    if any(st % D for st in strides):
-        return cache[page, slot, hk]
-    s0, s1, s2 = (st // D for st in strides)
-    rows = page * s0 + slot * s1 + hk * s2
-    last = sum((dim - 1) * st for dim, st in zip(cache.shape[:3], (s0, s1, s2)))
-    flat = cache.as_strided((last + 1, D), (D, 1))
-    return flat.index_select(0, rows.flatten()).view(*rows.shape, D)
+def _gather_rows(caches: tuple[torch.Tensor, ...], page: torch.Tensor, slot: torch.Tensor,
+                 hk: torch.Tensor) -> list[torch.Tensor]:
+    """cache[page, slot, hk] ([..., D], indices broadcast) of each cache: one `index_select` of
+    whole rows over a flat row view when the strides allow (rows copied whole: several times
+    faster on CPU than element-wise advanced indexing; the row numbers are shared by caches of
+    equal strides), advanced indexing otherwise."""
+    out, rows, rows_for = [], None, None
+    shape = torch.broadcast_shapes(page.shape, slot.shape, hk.shape)
+    for cache in caches:
+        D = cache.shape[-1]
+        strides = cache.stride()[:3]
+        if any(st % D for st in strides):
+            out.append(cache[page, slot, hk])
+            continue
+        s0, s1, s2 = (st // D for st in strides)
+        if rows_for != (s0, s1, s2):
+            rows, rows_for = (page * s0 + slot * s1 + hk * s2).flatten(), (s0, s1, s2)
+        last = sum((dim - 1) * st for dim, st in zip(cache.shape[:3], (s0, s1, s2)))
+        flat = cache.as_strided((last + 1, D), (D, 1))
+        out.append(flat.index_select(0, rows).view(*shape, D))
+    return out
 
 
 def _attend_batch(q, k_cache, v_cache, block_table, req, q0, length, pos0, blocks, nblk,
@@ -145,8 +153,7 @@ def _attend_batch(q, k_cache, v_cache, block_table, req, q0, length, pos0, block
     table = block_table.to(dev).long()
     page = table[req[:, None, None], (kpos // P).clamp(max=table.shape[1] - 1)]
     hk = torch.arange(HK, device=dev)[None, :, None]
-    kc = _gather_rows(k_cache, page, kpos % P, hk).float()                   # [n, HK, L, D]
-    vc = _gather_rows(v_cache, page, kpos % P, hk).float()
+    kc, vc = (x.float() for x in _gather_rows((k_cache, v_cache), page, kpos % P, hk))  # [n, HK, L, D]
 
     i = torch.arange(tt, device=dev)
     q_ok = i[None, :] < length[:, None]                                       # [n, tt]
