@@ -205,10 +205,8 @@ class MobaAttention:
         if use_triton:
             self._attend_triton(q, k_cache, v_cache, plan, sel, out, cuda_ops)
         else:
-            for tiles in (plan.prefill, plan.decode):
-                attn_torch.sparse_attention_tiles(
-                    q, k_cache, v_cache, plan.block_table, tiles, sel.tile_blocks, sel.tile_nblocks,
-                    sel.member_blocks, out, cfg.moba_block_size, self.scale, self.softcap, self.window)
+            attn_torch.sparse_attention_plan(q, k_cache, v_cache, plan, sel, out, cfg.moba_block_size,
+                                             self.scale, self.softcap, self.window)
         return out
 
     def _dense_route(self, q, k, v, plan: MobaPlan, out) -> bool:

@@ -216,12 +216,9 @@ def _run_request(state: MobaState, layer: MobaAttention, q: torch.Tensor, k: tor
             mask = mask_from_scores(scores, plan, layer.params, summary_cache)
         else:
             mask = selection_mask(select(q, summary_cache, plan, layer.params), plan, H)
-        sel = selection_from_mask(mask, plan, HK)
         out = torch.empty_like(q)
-        for tiles in (plan.prefill, plan.decode):
-            attn_torch.sparse_attention_tiles(q, k_cache, v_cache, block_table, tiles, sel.tile_blocks,
-                                              sel.tile_nblocks, sel.member_blocks, out, B, layer.scale,
-                                              layer.softcap, layer.window)
+        attn_torch.sparse_attention_plan(q, k_cache, v_cache, plan, selection_from_mask(mask, plan, HK), out,
+                                         B, layer.scale, layer.softcap, layer.window)
     if need_mask:
         _account(state, layer, q, k, mask, pos)
     return out

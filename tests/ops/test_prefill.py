@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moba_backend.ops.prefill.naive import sparse_attention
-from moba_backend.ops.prefill.torch_impl import sparse_attention_tiles
+from moba_backend.ops.prefill.torch_impl import sparse_attention_plan
 from moba_backend.ops.select.fast import Selection, selection_mask
 from tests.helpers import (HAS_CUDA, assert_close, kernel_device, make_batch, moba_cfg,
                            random_selection, requires_triton)
@@ -42,9 +42,7 @@ def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4,
     args = (b.q.to(dev), b.k_cache.to(dev), b.v_cache.to(dev), b.block_table.to(dev))
     common = dict(block_size=B, scale=D ** -0.5, softcap=softcap, window=window)
     if kernel in ("torch", "torch_tiles"):
-        for tiles in (plan.prefill, plan.decode):
-            sparse_attention_tiles(*args, tiles, sel.tile_blocks, sel.tile_nblocks, sel.member_blocks, out,
-                                   **common)
+        sparse_attention_plan(*args[:3], plan, sel, out, **common)
     elif kernel == "tile":
         from moba_backend.ops.prefill.triton_impl import sparse_prefill_fwd
 

@@ -19,12 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from moba_backend.ops.common import SENTINEL
-from moba_backend.plan import TileSet
+from moba_backend.ops.select.fast import Selection, _lists_from_mask
+from moba_backend.plan import MobaPlan, TileSet
 
 # gathered K/V, mask and explicit scores of one batch of tiles
 WORK_BUDGET_BYTES = 64 << 20
 # tokens of a merged run of kernel tiles
 MERGE_TOKENS = 128
+
+
+def sparse_attention_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: MobaPlan,
+                          sel: Selection, out: torch.Tensor, block_size: int, scale: float,
+                          softcap: float = 0.0, window: int = -1) -> None:
+    """`sparse_attention_tiles` over a step's prefill tiles, then its decode tiles.
+    q: [T, H, D]; k_cache, v_cache: [N, P, HK, D]; out: [T, H, D]."""
+    for tiles in (plan.prefill, plan.decode):
+        sparse_attention_tiles(q, k_cache, v_cache, plan.block_table, tiles, sel.tile_blocks,
+                               sel.tile_nblocks, sel.member_blocks, out, block_size, scale, softcap, window)
 
 
 def sparse_attention_tiles(
@@ -99,15 +110,13 @@ def _merge_runs(tiles: TileSet, blocks: torch.Tensor, nblocks: torch.Tensor, uni
     # union of each run's lists, as an ascending SENTINEL-padded list per (run, KV head)
     NT, HK, LW = host_blocks.shape
     run_of = torch.tensor([k for k, r in enumerate(runs) for _ in range(r[4], r[5] + 1)])
-    own = host_blocks[torch.tensor(index)]                                     # [NT_tiles, HK, LW]
-    ok = torch.arange(LW) < host_n[torch.tensor(index)][..., None]
+    tile_rows = torch.tensor(index)
+    own = host_blocks[tile_rows]                                                # [NT_tiles, HK, LW]
+    ok = torch.arange(LW) < host_n[tile_rows][..., None]
     nbv = int(torch.where(ok, own, -1).max()) + 1 if bool(ok.any()) else 1
     mask = torch.zeros(len(runs), HK, nbv + 1, dtype=torch.bool)
     mask[run_of[:, None, None], torch.arange(HK)[None, :, None], torch.where(ok, own, nbv).long()] = True
-    mask = mask[..., :nbv]
-    counts = mask.sum(-1, dtype=torch.int32)
-    lists = torch.where(mask, torch.arange(nbv, dtype=torch.int32), SENTINEL).sort(-1).values
-    lists = lists[..., :max(1, int(counts.max()))].contiguous()
+    lists, counts = _lists_from_mask(mask[..., :nbv])
     merged = TileSet(*cols, torch.arange(len(runs), device=dev))
     return merged, lists.to(blocks.device), counts.to(nblocks.device)
 

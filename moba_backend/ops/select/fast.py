@@ -266,8 +266,5 @@ def selection_from_mask(mask: torch.Tensor, plan: MobaPlan, num_kv_heads: int) -
     tile_mask.index_put_((plan.token_tile.to(mask.device),), mask.view(T, num_kv_heads, G, nbv).any(2),
                          accumulate=True)
     lists, counts = _lists_from_mask(tile_mask)
-    j = torch.arange(nbv, device=mask.device, dtype=torch.int32)
-    members = torch.sort(torch.where(mask, j, SENTINEL), dim=-1).values
-    width = max(1, int(mask.sum(-1).max())) if T else 1
-    return Selection(lists, counts, members[..., :width].contiguous())
+    return Selection(lists, counts, _lists_from_mask(mask)[0])
 
