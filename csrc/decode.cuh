@@ -21,6 +21,8 @@ constexpr int kDecodeMaxGroup = 16;  // query heads per KV head: the 16 rows of 
 // multiple of 16): one block-table read places them.
 constexpr int kHalf = 16;
 constexpr int kDecodeKeys = kHalf * kDecodeWarps;
+// quarters (16 keys) whose positions and pages one pass stages in shared memory
+constexpr int kDecodeWin = 512;
 
 template <int D>
 struct DecodeSmem {
@@ -31,7 +33,7 @@ struct DecodeSmem {
   // after the loop: each warp's O [16][D] and (m, l) [16][2], float
   static constexpr size_t kRedBytes = size_t(kDecodeWarps) * 16 * (D + 2) * 4;
   static constexpr size_t kPoolBytes = kKvBytes > kRedBytes ? kKvBytes : kRedBytes;
-  static constexpr size_t kBytes = kQBytes + kPoolBytes + kStages * kDecodeWarps * 4;
+  static constexpr size_t kBytes = kQBytes + kPoolBytes + 2 * kDecodeWin * 4;
 };
 
 // grid (NT, HK, S), 128 threads.
@@ -53,7 +55,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const AttnParams
   T* sK = reinterpret_cast<T*>(pool);                                   // [stages][KN][kRow]
   T* sV = sK + kStages * KN * kRow;
   float* sRed = reinterpret_cast<float*>(pool);                         // aliases K/V after the loop
-  int* sHalf = reinterpret_cast<int*>(pool + Smem::kPoolBytes);         // [stages][warps] first positions
+  int* sPos = reinterpret_cast<int*>(pool + Smem::kPoolBytes);          // [kDecodeWin] first positions
+  int* sPage = sPos + kDecodeWin;                                        // [kDecodeWin] pages
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int i_t = blockIdx.x, i_hk = blockIdx.y, i_s = blockIdx.z;
@@ -68,7 +71,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const AttnParams
   const int it_lo = min(i_s * per_split, n_blk);
   const int it_hi = min(it_lo + per_split, n_blk);
   const int key0 = it_lo * B, key_end = it_hi * B;
-  const int n_chunks = (key_end - key0 + KN - 1) / KN;
   const int* bt = p.block_table + i_req * p.stride_bt;
   const T* k_base = static_cast<const T*>(p.k) + i_hk * p.stride_kh;
   const T* v_base = static_cast<const T*>(p.v) + i_hk * p.stride_vh;
@@ -80,135 +82,130 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const AttnParams
     cp_async16(sQ + g * kRow + col, q + (g < G ? g : 0) * p.stride_qh + col, g < G);
   }
 
-  // Quarters of the chunk to copy next (16 keys each): first position (INT_MAX: past the split or
-  // wholly after the token, nothing to read) and page, looked up one chunk ahead of their copies
-  // so that the dependent list and block-table reads never stall the pipeline.
-  int nx_pos[kDecodeWarps], nx_page[kDecodeWarps];
-  auto fetch = [&](int c) {
-#pragma unroll
-    for (int h = 0; h < kDecodeWarps; ++h) {
-      const int k = key0 + c * KN + h * kHalf;
-      int pos = INT_MAX;
-      if (c < n_chunks && k < key_end) {
-        pos = list[k / B] * B + k % B;
-        if (pos > pos_q) pos = INT_MAX;
-      }
-      nx_pos[h] = pos;
-      nx_page[h] = pos != INT_MAX ? bt[pos / P] : 0;
-    }
-  };
-  const int ld_col = (tid % DC) * 8, ld_row = tid / DC;
-  auto issue = [&](int stage) {
-    if (tid == 0) {
-#pragma unroll
-      for (int x = 0; x < kDecodeWarps; ++x) sHalf[stage * kDecodeWarps + x] = nx_pos[x];
-    }
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int r = ld_row + i * kRowsPerLoad;
-      // the quarter of row r is known at compile time unless several quarters share one i
-      const int h = kRowsPerLoad >= kHalf ? (i * kRowsPerLoad) / kHalf + ld_row / kHalf : (i * kRowsPerLoad) / kHalf;
-      int hp = nx_pos[0], pg = nx_page[0];
-#pragma unroll
-      for (int x = 1; x < kDecodeWarps; ++x)
-        if (h == x) hp = nx_pos[x], pg = nx_page[x];
-      const int rh = r % kHalf;
-      // NOTE: zero-fill keys past the token (never NaN into P.V)
-      const bool ok = hp != INT_MAX && hp + rh <= pos_q;
-      const int64_t slot = ok ? int64_t(hp % P + rh) : 0;
-      const int64_t page = ok ? pg : 0;
-      cp_async16(sK + (stage * KN + r) * kRow + ld_col, k_base + page * p.stride_kp + slot * p.stride_ks + ld_col, ok);
-      cp_async16(sV + (stage * KN + r) * kRow + ld_col, v_base + page * p.stride_vp + slot * p.stride_vs + ld_col, ok);
-    }
-  };
+  cp_async_commit();  // Q: the oldest group, complete once the first chunk's wait returns
 
   float o[DT][4];
 #pragma unroll
   for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    fetch(s);
-    issue(s);
-    cp_async_commit();  // the first group holds Q too
-  }
-  fetch(kStages - 1);
-
   // ldmatrix A operand (Q): matrix m = lane / 8 covers rows (m % 2) * 8, cols (m / 2) * 8.
   const T* q_frag = sQ + ((lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
-  for (int c = 0; c < n_chunks; ++c) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int stage = c % kStages;
-    const int hp = sHalf[stage * kDecodeWarps + warp];
-    issue((c + kStages - 1) % kStages);
-    cp_async_commit();
-    fetch(c + kStages);
-    if (hp == INT_MAX) continue;  // this warp's 16 keys are past the split or after the token
-
-    // S = Q K^T over the warp's 16 keys: B operand from K [key][d], matrix m covers keys
-    // (m / 2) * 8, d (m % 2) * 8.
-    const T* k_s = sK + (stage * KN + warp * kHalf) * kRow;
-    const T* k_frag = k_s + ((lane % 8) + (lane / 16) * 8) * kRow + ((lane / 8) % 2) * 8;
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kt = 0; kt < KT; ++kt) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4(a, q_frag + kt * 16);
-      ldmatrix_x4(b, k_frag + kt * 16);
-      mma_16816<T>(s[0], a, b[0], b[1]);
-      mma_16816<T>(s[1], a, b[2], b[3]);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int pos_k = hp + i * 8 + 2 * (lane % 4) + (e & 1);
-        const bool ok = pos_k <= pos_q && (p.window <= 0 || pos_q - pos_k < p.window);
-        s[i][e] = ok ? logit_log2(s[i][e], p.scale_log2, p.softcap) : -INFINITY;
+  const int ld_col = (tid % DC) * 8, ld_row = tid / DC;
+  // The split's keys in quarters of 16 (a chunk is one quarter per warp), kDecodeWin quarters a
+  // pass: each pass first stages its quarters' first positions (INT_MAX: wholly after the token)
+  // and pages in shared memory, so the copy pipeline never waits on a list or block-table read.
+  const int n_quarters = (key_end - key0) / kHalf;
+  for (int w0 = 0; w0 < n_quarters; w0 += kDecodeWin) {
+    const int nq = min(kDecodeWin, n_quarters - w0);
+    const int n_chunks = (nq + kDecodeWarps - 1) / kDecodeWarps;
+    __syncthreads();  // the previous pass no longer reads sPos / sPage
+    for (int i = tid; i < n_chunks * kDecodeWarps; i += kDecodeThreads) {
+      int pos = INT_MAX, page = 0;
+      if (i < nq) {
+        const int k = key0 + (w0 + i) * kHalf;
+        pos = list[k / B] * B + k % B;
+        if (pos > pos_q) pos = INT_MAX;
+        else page = bt[pos / P];
       }
+      sPos[i] = pos;
+      sPage[i] = page;
     }
-    // Online softmax of rows lane / 4 and lane / 8 + 8 (one quad a row).
+    __syncthreads();
+
+    auto issue = [&](int c) {  // chunk c into stage c % kStages (past the pass: zero-fill)
+      const int stage = c % kStages;
 #pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      float mx = fmaxf(m_run[h2], fmaxf(fmaxf(s[0][2 * h2], s[0][2 * h2 + 1]), fmaxf(s[1][2 * h2], s[1][2 * h2 + 1])));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float ms = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m_run[h2] - ms);
-      m_run[h2] = mx;
-      float sum = 0.f;
+      for (int i = 0; i < kLoads; ++i) {
+        const int r = ld_row + i * kRowsPerLoad;
+        const int qi = c * kDecodeWarps + r / kHalf;
+        const int rh = r % kHalf;
+        const int hp = c < n_chunks ? sPos[qi] : INT_MAX;
+        // NOTE: zero-fill keys past the token (never NaN into P.V)
+        const bool ok = hp != INT_MAX && hp + rh <= pos_q;
+        const int64_t slot = ok ? int64_t(hp % P + rh) : 0;
+        const int64_t page = ok ? sPage[qi] : 0;
+        cp_async16(sK + (stage * KN + r) * kRow + ld_col, k_base + page * p.stride_kp + slot * p.stride_ks + ld_col, ok);
+        cp_async16(sV + (stage * KN + r) * kRow + ld_col, v_base + page * p.stride_vp + slot * p.stride_vs + ld_col, ok);
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      issue(s);
+      cp_async_commit();
+    }
+    for (int c = 0; c < n_chunks; ++c) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      const int stage = c % kStages;
+      issue(c + kStages - 1);
+      cp_async_commit();
+      const int hp = sPos[c * kDecodeWarps + warp];
+      if (hp == INT_MAX) continue;  // this warp's 16 keys are past the split or after the token
+
+      // S = Q K^T over the warp's 16 keys: B operand from K [key][d], matrix m covers keys
+      // (m / 2) * 8, d (m % 2) * 8.
+      const T* k_s = sK + (stage * KN + warp * kHalf) * kRow;
+      const T* k_frag = k_s + ((lane % 8) + (lane / 16) * 8) * kRow + ((lane / 8) % 2) * 8;
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, q_frag + kt * 16);
+        ldmatrix_x4(b, k_frag + kt * 16);
+        mma_16816<T>(s[0], a, b[0], b[1]);
+        mma_16816<T>(s[1], a, b[2], b[3]);
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        s[i][2 * h2] = exp2f(s[i][2 * h2] - ms);
-        s[i][2 * h2 + 1] = exp2f(s[i][2 * h2 + 1] - ms);
-        sum += s[i][2 * h2] + s[i][2 * h2 + 1];
-      }
-      l_run[h2] = l_run[h2] * alpha + sum;
 #pragma unroll
-      for (int i = 0; i < DT; ++i) {
-        o[i][2 * h2] *= alpha;
-        o[i][2 * h2 + 1] *= alpha;
+        for (int e = 0; e < 4; ++e) {
+          const int pos_k = hp + i * 8 + 2 * (lane % 4) + (e & 1);
+          const bool ok = pos_k <= pos_q && (p.window <= 0 || pos_q - pos_k < p.window);
+          s[i][e] = ok ? logit_log2(s[i][e], p.scale_log2, p.softcap) : -INFINITY;
+        }
+      }
+      // Online softmax of rows lane / 4 and lane / 8 + 8 (one quad a row).
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        float mx = fmaxf(m_run[h2], fmaxf(fmaxf(s[0][2 * h2], s[0][2 * h2 + 1]), fmaxf(s[1][2 * h2], s[1][2 * h2 + 1])));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float ms = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m_run[h2] - ms);
+        m_run[h2] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          s[i][2 * h2] = exp2f(s[i][2 * h2] - ms);
+          s[i][2 * h2 + 1] = exp2f(s[i][2 * h2 + 1] - ms);
+          sum += s[i][2 * h2] + s[i][2 * h2 + 1];
+        }
+        l_run[h2] = l_run[h2] * alpha + sum;
+#pragma unroll
+        for (int i = 0; i < DT; ++i) {
+          o[i][2 * h2] *= alpha;
+          o[i][2 * h2 + 1] *= alpha;
+        }
+      }
+      // O += P V: P's C fragments are the A fragment; B from V [key][d] transposed, matrix m covers
+      // keys (m % 2) * 8, d (m / 2) * 8.
+      uint32_t a[4];
+      a[0] = pack2<T>(s[0][0], s[0][1]);
+      a[1] = pack2<T>(s[0][2], s[0][3]);
+      a[2] = pack2<T>(s[1][0], s[1][1]);
+      a[3] = pack2<T>(s[1][2], s[1][3]);
+      const T* v_frag = sV + (stage * KN + warp * kHalf + (lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_frag + dp * 16);
+        mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+        mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
       }
     }
-    // O += P V: P's C fragments are the A fragment; B from V [key][d] transposed, matrix m covers
-    // keys (m % 2) * 8, d (m / 2) * 8.
-    uint32_t a[4];
-    a[0] = pack2<T>(s[0][0], s[0][1]);
-    a[1] = pack2<T>(s[0][2], s[0][3]);
-    a[2] = pack2<T>(s[1][0], s[1][1]);
-    a[3] = pack2<T>(s[1][2], s[1][3]);
-    const T* v_frag = sV + (stage * KN + warp * kHalf + (lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, v_frag + dp * 16);
-      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
-      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
-    }
+    cp_async_wait<0>();  // the pass's trailing (zero-fill) copies
   }
-  cp_async_wait<0>();
   __syncthreads();
 
   // Merge the warps: each writes its O rows and (m, l); rows past G are never read.

@@ -11,7 +11,7 @@ allocates, phase by phase, for a step of `num_tokens` query tokens whose context
 - selection: the gate score chunks (`SCORE_BUDGET_BYTES` each, two alive while the next is
   made), the 16-bit summary copy of `shared` mode (`COMPACT_BUDGET_BYTES`), the `[rows, HK, NBV]`
   block masks and their sort into lists, the member lists `[T, H, W]` of `token` mode, the fused
-  decode selection's scratch;
+  decode selection's scratch (and, for small batches, its raw scores);
 - attention: `token` prefill's per-pass partials and bucket entries (`PARTIAL_BUDGET_BYTES`),
   bucket counts and offsets, and the split-K decode partials.
 Phases that run one after the other take the larger of their peaks; what one phase hands to the
@@ -163,6 +163,8 @@ def step_workspace_bytes(cfg: MobaConfig, num_tokens: int, max_seq_len: int, max
         dec_out = (_alloc(Nd * HK * LW * 4) + _alloc(Nd * HK * 4)
                    + (_alloc(Nd * H * W * 4) if mode == "token" else 0))
         dec_sel = _alloc(Nd * HK * (G + (mode == "shared")) * nbv_p * 4) + dec_out
+        if Nd * HK < select_triton.DECODE_SCORE_SPLIT_BELOW:   # small batches: raw scores first
+            dec_sel += _alloc(Nd * H * nbv * 4)
     decode_step = max(dec_sel, dec_out + decode_attn(LW))
 
     # --- a step with prefill tiles (any mix): selection, then prefill, then decode attention
@@ -213,7 +215,8 @@ def _shared_selection(HK, D, e, NG, NT, R, nbv, W, gate, select_triton) -> tuple
     group = scores + copy
     # `_shared_lists`: the top k of the group scores (its values dropped, its int64 indices cast
     # to int32), keep [NG, 1, k] bool and n as int64, the where [NG, HK, k] int32 and its sort,
-    # the counts, then the lists gathered per kernel tile
+    # the counts, then the lists gathered per kernel tile (`group_topn_fwd`, which serves up to
+    # GROUP_TOPN_MAX_BLOCKS blocks, makes only the lists, the counts and their gathers)
     k = min(W, nbv)
     n_out = NG * HK * k
     out = _alloc(NT * HK * k * 4) + _alloc(NT * HK * 4)

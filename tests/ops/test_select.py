@@ -184,8 +184,16 @@ DECODES = [(17, 1, True), (300, 1, True), (96, 1, True), (1000, 1, True), (160, 
 @requires_triton
 @pytest.mark.parametrize("mode", ["token", "union", "shared"])
 @pytest.mark.parametrize("gate", ["mean", "minmax"])
-def test_fused_decode_select_exact_window(gate, mode):
-    """left == right: the fused decode kernel must pick exactly the reference's blocks."""
+@pytest.mark.parametrize("rows_in", ["registers", "scratch"])
+def test_fused_decode_select_exact_window(gate, mode, rows_in, monkeypatch):
+    """left == right: the fused decode kernel must pick exactly the reference's blocks, with
+    its score rows held in registers after a separate score launch (small batches), and
+    (past DECODE_REG_BLOCKS, large batches) bisected in scratch after its own products."""
+    from moba_backend.ops.select import triton_impl
+
+    if rows_in == "scratch":
+        monkeypatch.setattr(triton_impl, "DECODE_REG_BLOCKS", 0)
+        monkeypatch.setattr(triton_impl, "DECODE_SCORE_SPLIT_BELOW", 0)   # and scores in-kernel
     dev = kernel_device()
     cfg = moba_cfg(moba_gate=gate, moba_tile_select=mode, moba_decoder_top_k_left=5, moba_decoder_top_k_right=5)
     b = make_batch(DECODES, H=8, HK=2, D=64, P=16)
@@ -200,12 +208,16 @@ def test_fused_decode_select_exact_window(gate, mode):
 
 @requires_triton
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "all_scores_tied"])
-def test_fused_decode_select_window_and_top_set(ties):
+@pytest.mark.parametrize("rows_in", ["registers", "scratch"])
+def test_fused_decode_select_window_and_top_set(ties, rows_in, monkeypatch):
     """left < right: every head keeps its forced blocks, takes `right` blocks (the prefill path's
     choice, so decode equals a one-token prefill), and no unselected candidate outscores a
     selected one, also when every score ties."""
+    from moba_backend.ops.select import triton_impl
     from moba_backend.ops.select.naive import gate_scores
 
+    if rows_in == "scratch":
+        monkeypatch.setattr(triton_impl, "DECODE_REG_BLOCKS", 0)
     dev = kernel_device()
     cfg = moba_cfg(moba_tile_select="token", moba_decoder_top_k_left=4, moba_decoder_top_k_right=9)
     b = make_batch(DECODES, H=8, HK=2, D=64, P=16)
@@ -298,3 +310,35 @@ def test_member_topk_kernel_matches_sorted_reference(rounding):
             want = sorted(j[forced].tolist() + order[:max(take, 0)].tolist())
             got = [x for x in members[t, h].cpu().tolist() if x != SENTINEL]
             assert got == want, (t, h)
+
+
+@requires_triton
+@pytest.mark.parametrize("rounding", [None, 1.0], ids=["distinct", "many_ties"])
+def test_group_topn_kernel_matches_sorted_reference(rounding):
+    """`shared` mode's top n of the group scores (forced +inf, past the tile -inf) against a
+    stable sort: forced blocks, then candidates by score descending, ties to the lower index."""
+    from moba_backend.ops.common import SENTINEL
+    from moba_backend.ops.select import triton_impl
+
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(3)
+    NG, HK, nbv, width = 9, 3, 77, 12
+    s = torch.rand(NG, HK, nbv, generator=g)
+    if rounding:
+        s = torch.round(s * 4) / 4
+    c1 = torch.randint(0, nbv, (NG,), generator=g)
+    c1[0], c1[1] = 3, nbv - 1                      # fewer blocks than n; every block visible
+    j = torch.arange(nbv)
+    forced = (j[None, :] <= c1[:, None]) & ((j[None, :] < 1) | (j[None, :] >= (c1 - 1)[:, None]))
+    s = torch.where(forced[:, None, :], float("inf"), torch.where((j[None, :] <= c1[:, None])[:, None, :], s,
+                                                                   float("-inf")))
+    n = torch.randint(3, width + 1, (NG,), generator=g).int()
+    lists, counts = triton_impl.group_topn_fwd(s.to(dev), n.to(dev), width)
+    for i in range(NG):
+        for h in range(HK):
+            order = torch.argsort(-s[i, h], stable=True)
+            take = min(int(n[i]), int(c1[i]) + 1)
+            want = sorted(order[:take].tolist())
+            got = lists[i, h].cpu().tolist()
+            assert got == want + [SENTINEL] * (width - take), (i, h)
+            assert int(counts[i, h]) == take

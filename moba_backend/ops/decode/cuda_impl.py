@@ -14,10 +14,9 @@ import torch
 from moba_backend.ops import cuda_ext
 from moba_backend.ops.common import check
 
-# CTAs the split-K launch aims for, per multiprocessor: one wave of resident CTAs (two fit an SM
-# at head dim 128); on the H100 at 128K, batch 16, more splits measured slower (2: 0.441 ms,
-# 4: 0.447, 8: 0.459, 16: 0.494).
-CTAS_PER_SM = 2
+# CTAs the split-K launch aims for, per multiprocessor: two waves of resident CTAs (two fit an
+# SM at head dim 128), so no half-empty last wave
+CTAS_PER_SM = 4
 MAX_SPLITS = 32
 
 
@@ -29,7 +28,7 @@ def _num_sms(device_index: int) -> int:
 def num_splits_for(num_tokens: int, num_kv_heads: int, list_width: int, device: torch.device) -> int:
     """Splits per (token, KV head): enough CTAs to fill the GPU, at least 2 blocks a split."""
     target = CTAS_PER_SM * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    want = -(-target // max(1, num_tokens * num_kv_heads))
+    want = target // max(1, num_tokens * num_kv_heads)
     return max(1, min(want, MAX_SPLITS, list_width // 2))
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from moba_backend.ops.common import SENTINEL
+from moba_backend.ops.common import SENTINEL, next_pow2
 from moba_backend.ops.pooling.naive import read_block_summaries
 from moba_backend.ops.select.naive import SelectParams
 from moba_backend.plan import MobaPlan
@@ -141,6 +141,9 @@ def select(q: torch.Tensor, summary_cache: torch.Tensor, plan: MobaPlan, p: Sele
             return triton_impl.decode_select_fwd(q, summary_cache, plan, p)
         if p.mode == "shared":
             g = triton_impl.group_scores_fwd(q, summary_cache, plan, p.gate, p.sink_blocks, p.scale)
+            if next_pow2(nbv) <= triton_impl.GROUP_TOPN_MAX_BLOCKS:
+                lists, counts = triton_impl.group_topn_fwd(g, plan.group_n, min(k, nbv))
+                return Selection(lists[plan.tile_group].contiguous(), counts[plan.tile_group].contiguous(), None)
             return _shared_lists(g, plan, k, nbv, HK)
         scorer = triton_impl.triton_scorer(p.gate)
     if backend == "triton" and p.mode in ("token", "union"):
