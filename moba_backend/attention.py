@@ -31,9 +31,12 @@ from moba_backend.workspace import step_workspace_bytes
 
 IMPLS = ("auto", "torch", "triton", "cuda")
 # Ops `auto` runs on the CUDA kernels when the extension is loaded (the others stay on Triton):
-# the ones measured faster than Triton on the benchmark shapes (README, "CUDA kernels"). The CUDA
-# prefill and decode are slower than Triton there (117 ms against 39 ms, 0.59 ms against 0.36 ms).
-AUTO_CUDA_OPS = frozenset({"pool"})
+# the ones measured faster than Triton on the benchmark shapes (README, "CUDA kernels"). None is
+# now: H100, 128K, 8 KV heads, D 128, prefill 117 ms against 36 ms, batch-16 decode 0.395 ms
+# against 0.358 ms, pooling (since Triton's pools a block in one load) 161 us against 115 us
+# (`mean`; 163 against 148 `minmax`, decode steps 5.7 against 3.9 us). Empty: `auto` does not
+# load (or build) the extension at all.
+AUTO_CUDA_OPS: frozenset = frozenset()
 # A step of fresh prompts that runs dense (`MobaPlan.fresh_dense`) goes to torch's SDPA (cuDNN /
 # FlashAttention on a GPU) over its own new keys and values, one call per request, when it has
 # at most this many requests; more stay on the kernels, which take the whole step at once.
@@ -134,7 +137,7 @@ class MobaAttention:
 
     def _cuda_ops(self, q: torch.Tensor, k_cache: torch.Tensor) -> frozenset:
         """The ops of this call that run on the CUDA kernels."""
-        if self.impl not in ("auto", "cuda") or not q.is_cuda:
+        if self.impl not in ("auto", "cuda") or not q.is_cuda or (self.impl == "auto" and not AUTO_CUDA_OPS):
             return frozenset()
         from moba_backend.ops import cuda_ext
         if self.impl == "auto" and not cuda_ext.available():
