@@ -190,7 +190,7 @@ class MobaAttention:
             else:
                 from moba_backend.ops.pooling.triton_impl import update_block_summaries_fwd
             update_block_summaries_fwd(k_cache, summary_cache, plan, cfg.moba_gate, self.gate_weight)
-        else:
+        elif plan.pool_req.numel():     # (no block completes in most decode steps)
             ctx = plan.seq_lens - torch.bincount(plan.token_req.long(), minlength=plan.num_reqs).to(plan.seq_lens)
             pooling_naive.update_block_summaries(
                 k_cache, summary_cache, plan.block_table, ctx, plan.seq_lens,

@@ -15,6 +15,8 @@ float32, as the reference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,11 +75,12 @@ def sparse_attention_tiles(
     scores = member_blocks is not None or softcap > 0 or tt == 1
     per_tile = HK * B * max(1, int(nblk.max())) * (2 * D * 4 + tt + (8 * G * tt if scores else 0))
     step = max(1, WORK_BUDGET_BYTES // per_tile)
+    attend = _attend_decode if tt == 1 else _attend_batch
     for lo in range(0, NT, step):
         sl = slice(lo, min(NT, lo + step))
-        _attend_batch(q, k_cache, v_cache, block_table, tiles.req[sl].long(), tiles.q0[sl].long(),
-                      tiles.length[sl].long(), tiles.pos0[sl].long(), tile_blocks[rows[sl]], nblk[sl],
-                      member_blocks, out, B, scale, softcap, window)
+        attend(q, k_cache, v_cache, block_table, tiles.req[sl].long(), tiles.q0[sl].long(),
+               tiles.length[sl].long(), tiles.pos0[sl].long(), tile_blocks[rows[sl]], nblk[sl],
+               member_blocks, out, B, scale, softcap, window)
 
 
 def _merge_runs(tiles: TileSet, blocks: torch.Tensor, nblocks: torch.Tensor, union: bool):
@@ -144,25 +147,65 @@ def _gather_rows(caches: tuple[torch.Tensor, ...], page: torch.Tensor, slot: tor
     return out
 
 
+def _key_rows(k_cache, v_cache, block_table, req, blocks, B):
+    """Keys and values of each (tile, KV head)'s blocks [n, HK, lw], float32 [n, HK, lw * B, D],
+    and their positions [n, HK, lw * B]. Physical rows are looked up once per run of gcd(P, B)
+    keys (a run never crosses a page or a block); padding entries (and the tail of a partial
+    block past the last page) read a valid row, for the caller to mask."""
+    n, HK, lw = blocks.shape
+    P = k_cache.shape[1]
+    dev = blocks.device
+    kpos = (blocks[..., None] * B + torch.arange(B, device=dev)).flatten(2)  # [n, HK, L]
+    run = math.gcd(P, B)
+    rpos = kpos[..., ::run]                                                   # [n, HK, L / run]
+    table = block_table.to(dev).long()
+    page = table[req[:, None, None], (rpos // P).clamp(max=table.shape[1] - 1)]
+    slot = (rpos % P)[..., None] + torch.arange(run, device=dev)              # [n, HK, L / run, run]
+    hk = torch.arange(HK, device=dev)[None, :, None, None]
+    kc, vc = (x.float().flatten(2, 3) for x in _gather_rows((k_cache, v_cache), page[..., None], slot, hk))
+    return kc, vc, kpos
+
+
+def _attend_decode(q, k_cache, v_cache, block_table, req, q0, length, pos0, blocks, nblk,
+                   member_blocks, out, B, scale, softcap, window) -> None:
+    """`_attend_batch` for one-token tiles (decode): the same result with the fewest ops (a
+    decode step runs this once a layer, where op count, not arithmetic, is the cost on CPU):
+    blocks masked whole, the causal and window masks on positions, two batched products."""
+    n, HK = nblk.shape
+    H, D = q.shape[1:]
+    G = H // HK
+    dev = q.device
+    lw = max(1, int(nblk.max()))
+    blk_ok = torch.arange(lw, device=dev) < nblk[..., None]                  # [n, HK, lw]
+    blocks = torch.where(blk_ok, blocks[..., :lw].long(), 0)
+    kc, vc, kpos = _key_rows(k_cache, v_cache, block_table, req, blocks, B)  # [n, HK, L, D]
+    qv = q.index_select(0, q0).float().view(n * HK, G, D)
+    s = torch.bmm(qv, kc.flatten(0, 1).transpose(1, 2)).view(n, HK, G, lw, B) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    allowed = (kpos <= pos0[:, None, None]).view(n, HK, 1, lw, B) & blk_ok[:, :, None, :, None]
+    if window > 0:
+        allowed &= (pos0[:, None, None] - kpos < window).view(n, HK, 1, lw, B)
+    if member_blocks is not None:
+        mem = member_blocks.to(dev).index_select(0, q0).long().view(n, HK, G, -1)   # [n, HK, G, W]
+        allowed = allowed & (mem[..., None] == blocks[:, :, None, None, :]).any(-2)[..., None]
+    s.masked_fill_(~allowed, float("-inf"))
+    o = torch.bmm(torch.softmax(s.view(n * HK, G, lw * B), dim=-1), vc.flatten(0, 1))
+    out.index_copy_(0, q0, o.view(n, H, D).to(out.dtype))
+
+
 def _attend_batch(q, k_cache, v_cache, block_table, req, q0, length, pos0, blocks, nblk,
                   member_blocks, out, B, scale, softcap, window) -> None:
     n, HK = nblk.shape
     T, H, D = q.shape
     G = H // HK
-    P = k_cache.shape[1]
     dev = q.device
     lw = max(1, int(nblk.max()))
     tt = int(length.max())
     blocks = blocks[..., :lw].long()                                          # [n, HK, lw]
     blk_ok = torch.arange(lw, device=dev) < nblk[..., None]                  # [n, HK, lw]
     blocks = torch.where(blk_ok, blocks, 0)
-    # key positions and their physical rows; padding keys (and the tail of a partial block past
-    # the last page) read a valid row and are masked below
-    kpos = (blocks[..., None] * B + torch.arange(B, device=dev)).flatten(2)  # [n, HK, L]
-    table = block_table.to(dev).long()
-    page = table[req[:, None, None], (kpos // P).clamp(max=table.shape[1] - 1)]
-    hk = torch.arange(HK, device=dev)[None, :, None]
-    kc, vc = (x.float() for x in _gather_rows((k_cache, v_cache), page, kpos % P, hk))  # [n, HK, L, D]
+    kc, vc, kpos = _key_rows(k_cache, v_cache, block_table, req, blocks, B)  # [n, HK, L, D]
 
     i = torch.arange(tt, device=dev)
     q_ok = i[None, :] < length[:, None]                                       # [n, tt]
