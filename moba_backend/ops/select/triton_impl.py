@@ -1,9 +1,13 @@
-"""Gate scores, Triton kernel: raw block scores s[t, h, j] of a token range against the complete
-blocks' summaries, read straight from the paged summary cache through the block table.
+"""Selection, Triton kernels; summaries are read straight from the paged summary cache through
+the block table (or from a compact 16-bit copy of it).
 
-One program = one token x one KV head x BLOCK_J blocks; rows are the GQA group's heads. Top-k,
-unions and group scores are done by `fast.select` on the scores (torch.topk on the device).
-`minmax` uses sum_d max(q_d mx_d, q_d mn_d) = relu(q) . mx + min(q, 0) . mn.
+- `gate_scores_fwd`: raw block scores s[t, h, j] of a token range (rows: the GQA group's heads);
+- `group_scores_fwd` + `group_topn_fwd`: `shared` mode's group scores and each group's top n;
+- `member_topk_fwd`: each member's n blocks in `token` / `union` mode, from raw scores;
+- `decode_select_fwd`: a decode-only step's whole selection, fused.
+Top n are exact (`_top_n`: a bisection over order-preserving integer keys, ties to the lower
+block index), but for decode rows past DECODE_REG_BLOCKS blocks (a float threshold bisected in
+scratch). `minmax` uses sum_d max(q_d mx_d, q_d mn_d) = relu(q) . mx + min(q, 0) . mn.
 """
 
 from __future__ import annotations
