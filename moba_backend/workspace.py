@@ -163,8 +163,11 @@ def step_workspace_bytes(cfg: MobaConfig, num_tokens: int, max_seq_len: int, max
         dec_out = (_alloc(Nd * HK * LW * 4) + _alloc(Nd * HK * 4)
                    + (_alloc(Nd * H * W * 4) if mode == "token" else 0))
         dec_sel = _alloc(Nd * HK * (G + (mode == "shared")) * nbv_p * 4) + dec_out
-        if Nd * HK < select_triton.DECODE_SCORE_SPLIT_BELOW:   # small batches: raw scores first
-            dec_sel += _alloc(Nd * H * nbv * 4)
+        # small batches (fewer than DECODE_SCORE_SPLIT_BELOW token x KV-head programs) make raw
+        # scores [tokens, H, NBV] first: those of the largest such batch of at most Nd tokens
+        n_split = min(Nd, (select_triton.DECODE_SCORE_SPLIT_BELOW - 1) // HK)
+        if n_split > 0:
+            dec_sel += _alloc(n_split * H * nbv * 4)
     decode_step = max(dec_sel, dec_out + decode_attn(LW))
 
     # --- a step with prefill tiles (any mix): selection, then prefill, then decode attention
