@@ -206,6 +206,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const AttnParams
     }
     cp_async_wait<0>();  // the pass's trailing (zero-fill) copies
   }
+  cp_async_wait<0>();  // Q, when the split has no key (no pass waited for it)
   __syncthreads();
 
   // Merge the warps: each writes its O rows and (m, l); rows past G are never read.
