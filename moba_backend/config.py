@@ -165,8 +165,15 @@ def parse_moba_config(raw: str | Mapping[str, Any] | MobaConfig | None) -> MobaC
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         if err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"),
                                                            MobaConfigError):
-            raise err["ctx"]["error"] from None
-        raise MobaConfigError(f"{loc}={err.get('input')!r}: {err['msg']}") from None
+            msg = str(err["ctx"]["error"])
+        else:
+            msg = f"{loc}={err.get('input')!r}: {err['msg']}"
+        # name the keys as the user wrote them where an alias was used
+        aliases = [f"{k} (given as {a})" for a in raw if isinstance(a, str) and a.startswith("plas_")
+                   for k in ["moba_" + a[len("plas_"):]] if k in msg]
+        if aliases:
+            msg += f"; {', '.join(aliases)}"
+        raise MobaConfigError(msg) from None
 
 
 def attention_backend_from_env(env: Mapping[str, str] | None = None) -> bool:

@@ -41,6 +41,8 @@ def test_parse_json_and_aliases():
     ({"moba_encoder_top_k_left": 1, "moba_encoder_top_k_right": 2}, "forced blocks"),
     ({"plas_block_size": 64, "moba_block_size": 64}, "given twice"),
     ({"moba_max_seq_length": 0}, "moba_max_seq_length=0"),
+    ({"plas_block_size": 100}, "moba_block_size (given as plas_block_size)"),
+    ({"plas_gate": "median"}, "moba_gate (given as plas_gate)"),
 ])
 def test_bad_config_names_key(raw, needle):
     with pytest.raises(MobaConfigError) as e:
