@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--block-n", default="64,128")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--prefetch", default="1", help="steps ahead the kernel loads list entries and pages, "
+                                                    "e.g. 0,1")
+    ap.add_argument("--decode-splits", default="4,8,16,32")
     ap.add_argument("--gate-block-m", default="64,128")
     ap.add_argument("--gate-block-j", default="32,64,128")
     ap.add_argument("--gate-stages", default="2,3")
@@ -139,11 +142,10 @@ def main() -> None:
                           f"{same.all(-1).float().mean().item():.4f}")
                 except Exception as e:  # a config that does not fit (shared memory) is skipped
                     print(f"  group kernels {name}: {type(e).__name__}")
-    if "prefill" not in args.only:
-        return
     pages = [int(x) for x in args.pages.split(",")]
     tiles_for = plan_mod.tokens_per_tile_for
-    for L, P, bm in itertools.product(ints(args.lens), pages, ints(args.block_m)):
+    prefill_lens = ints(args.lens) if "prefill" in args.only else []
+    for L, P, bm in itertools.product(prefill_lens, pages, ints(args.block_m)):
         # plan kernel tiles of bm rows (bm / group tokens each)
         plan_mod.tokens_per_tile_for = lambda h, hk, mode, t, d: (bm // (h // hk), bm)  # noqa: B023
         q, kc, vc, plan, sel, layer = make_step(L, 1, False, P=P)
@@ -155,35 +157,43 @@ def main() -> None:
         t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             dense_q, dk, dk, is_causal=True), return_mode="median")
         print(f"prefill L={L}: dense sdpa {t_dense:.3f} ms; lists {tuple(sel.tile_blocks.shape)}")
-        for bn, w, st in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages)):
+        ref = None
+        for bn, w, st, pf in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
+                                               ints(args.prefetch)):
             try:
                 fn = lambda: sparse_attn_launch(q, kc, vc, plan.block_table, plan.prefill, sel, out, None,  # noqa: E731
                                                 block_size=128, scale=128 ** -0.5, softcap=0.0, window=-1,
                                                 block_m=plan.block_m, num_splits=1, block_n=bn,
-                                                num_warps=w, num_stages=st)
+                                                num_warps=w, num_stages=st, prefetch=pf)
                 t = triton.testing.do_bench(fn, return_mode="median")
-                print(f"  block_m={plan.block_m} block_n={bn} warps={w} stages={st}: {t:.3f} ms  "
-                      f"x{t_dense / t:.2f} vs dense")
+                out.fill_(float("nan"))
+                fn()
+                ref = out.float().clone() if ref is None else ref
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                print(f"  block_m={plan.block_m} block_n={bn} warps={w} stages={st} prefetch={pf}: {t:.3f} ms  "
+                      f"x{t_dense / t:.2f} vs dense (rel diff to first {err:.1e})")
             except Exception as e:  # a config that does not fit (shared memory) is skipped
-                print(f"  block_n={bn} warps={w} stages={st}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"  block_n={bn} warps={w} stages={st} prefetch={pf}: {type(e).__name__}: {str(e)[:200]}")
     if "decode" not in args.only:
         return
     q, kc, vc, plan, sel, layer = make_step(args.decode_len, 16, True)
     out = torch.empty_like(q)
     T = q.shape[0]
-    for S in [4, 8, 16, 32]:
-        for bn, w, st in itertools.product([64, 128], [4, 8], [2, 3]):
+    for S in ints(args.decode_splits):
+        for bn, w, st, pf in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
+                                               ints(args.prefetch)):
             o_part = torch.empty(T, 32, S, 128, device="cuda")
             lse = torch.empty(T, 32, S, device="cuda")
 
             def fn():
                 sparse_attn_launch(q, kc, vc, plan.block_table, plan.decode, sel, o_part, lse, block_size=128,
                                    scale=128 ** -0.5, softcap=0.0, window=-1, block_m=16, num_splits=S,
-                                   block_n=bn, num_warps=w, num_stages=st)
+                                   block_n=bn, num_warps=w, num_stages=st, prefetch=pf)
                 out[plan.decode.q0.long()] = merge_splits(o_part, lse).to(out.dtype)
             try:
                 t = triton.testing.do_bench(fn, return_mode="median")
-                print(f"  decode b16 L={args.decode_len} splits={S} block_n={bn} warps={w} stages={st}: {t:.3f} ms")
+                print(f"  decode b16 L={args.decode_len} splits={S} block_n={bn} warps={w} stages={st} prefetch={pf}: "
+                      f"{t:.3f} ms")
             except Exception as e:
                 print(f"  decode splits={S} block_n={bn}: {type(e).__name__}")
     print("auto splits:", num_splits_for(T, 8, sel.tile_blocks.shape[-1]))

@@ -24,33 +24,69 @@ from moba_backend.plan import TileSet
 LOG2E = 1.4426950408889634
 # NOTE: a global read inside a jit function must be a tl.constexpr.
 SENTINEL_K = tl.constexpr(SENTINEL)
+# loop steps ahead of its use that the attention loads a step's list entry and pages (0, 1, 2).
+# H100, bf16, D 128, page 16, alternating A/B in one process (`benchmarks/tune_attention.py
+# --prefetch 0,1`): 128K `shared` prefill 38.18 -> 37.71 ms (mean of 3 pairs, each pair faster),
+# decode batch 16 at 128K 0.409 -> 0.402 ms; 2 steps ahead is slower (43.8 ms, 0.467 ms)
+PREFETCH_STEPS = 1
+
+
+@triton.jit
+def _step_pages(p_blocks, p_bt, it, it_end, o_n, max_pos, MOBA_B: tl.constexpr, PAGE: tl.constexpr,
+                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """List entry j of loop step `it` and the page of each of its BLOCK_N keys ([BLOCK_N] int32;
+    0 past the list's end and, CAUSAL, past the tile's last query)."""
+    SUB: tl.constexpr = MOBA_B // BLOCK_N
+    m_it = it < it_end
+    j = tl.load(p_blocks + it // SUB, mask=m_it, other=0)
+    pos_k = j * MOBA_B + (it % SUB) * BLOCK_N + o_n
+    m_k = (o_n * 0 + it) < it_end          # [BLOCK_N] (a scalar mask broadcast fails under the interpreter)
+    if CAUSAL:
+        m_k = m_k & (pos_k <= max_pos)
+    return j, tl.load(p_bt + pos_k // PAGE, mask=m_k, other=0)
 
 
 @triton.jit
 def _attend_blocks(
-    acc, m_i, l_i, i_ptr, it_lo, it_hi,
+    acc, m_i, l_i, i_ptr, it_lo, it_hi, step_hi,
     b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     pos_q, m_row, max_pos, o_d, m_d, scale_log2, softcap, window,
     MOBA_B: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     TOKEN_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Online-softmax attention of the rows over list entries [it_lo, it_hi), BLOCK_N keys at a
-    time. CAUSAL=False: every key precedes every query (no causal or bounds mask)."""
+    time, stopping before loop step step_hi. CAUSAL=False: every key precedes every query (no
+    causal or bounds mask)."""
     SUB: tl.constexpr = MOBA_B // BLOCK_N
     o_n = tl.arange(0, BLOCK_N)
+    it_end = tl.minimum(it_hi * SUB, step_hi)
+    # NOTE: a step's keys are found through two dependent loads (list entry, then page). Issued
+    # in the step itself, the K/V copies wait on them; issued PREFETCH steps ahead, they are in
+    # registers by then (PREFETCH_STEPS: measured figures).
+    j_a, pg_a = _step_pages(p_blocks, p_bt, it_lo * SUB, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N, CAUSAL)
+    j_b, pg_b = _step_pages(p_blocks, p_bt, it_lo * SUB + 1, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
+                            CAUSAL)
     # NOTE: one flat loop over (selected block, sub-tile) keeps the K/V loads pipelined across
     # blocks; sub-tiles wholly after the tile's last query only load masked (no traffic).
-    for it in range(it_lo * SUB, it_hi * SUB):
-        i_b = it // SUB
+    for it in range(it_lo * SUB, it_end):
         i_sub = it % SUB
-        j = tl.load(p_blocks + i_b)
+        if PREFETCH == 0:
+            j, i_page = _step_pages(p_blocks, p_bt, it, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N, CAUSAL)
+        elif PREFETCH == 1:
+            j, i_page = j_a, pg_a
+            j_a, pg_a = _step_pages(p_blocks, p_bt, it + 1, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
+                                    CAUSAL)
+        else:
+            j, i_page = j_a, pg_a
+            j_a, pg_a = j_b, pg_b
+            j_b, pg_b = _step_pages(p_blocks, p_bt, it + 2, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
+                                    CAUSAL)
         pos_k = j * MOBA_B + i_sub * BLOCK_N + o_n                               # [BLOCK_N]
         if CAUSAL:
             m_k = pos_k <= max_pos
-            i_page = tl.load(p_bt + pos_k // PAGE, mask=m_k, other=0).to(tl.int64)
-        else:
-            i_page = tl.load(p_bt + pos_k // PAGE).to(tl.int64)
+        i_page = i_page.to(tl.int64)
         i_slot = (pos_k % PAGE).to(tl.int64)
         p_k = k_ptr + i_page[:, None] * stride_kp + i_slot[:, None] * stride_ks + i_hk * stride_kh + o_d[None, :]
         p_v = v_ptr + i_page[:, None] * stride_vp + i_slot[:, None] * stride_vs + i_hk * stride_vh + o_d[None, :]
@@ -137,6 +173,7 @@ def _sparse_attn_kernel(
     W_POW2: tl.constexpr, W: tl.constexpr,
     TOKEN_MASK: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_hk = tl.program_id(1)
@@ -191,16 +228,27 @@ def _sparse_attn_kernel(
     last = tl.load(p_blocks + tl.maximum(n_blk - 1, 0))
     n_full = tl.minimum(tl.maximum(n_blk - (last - pos0 // MOBA_B + 1), 0), n_blk)
     mid = tl.minimum(tl.maximum(n_full, it_lo), it_hi)
+    # Steps wholly after the tile's last query (the rest of its block; blocks after it in a list
+    # made for a wider query tile) would only add masked keys: stop before them. By the run
+    # above, block max_pos // MOBA_B is entry n_blk - 1 - (last - max_pos // MOBA_B); the entry is
+    # checked before its bound is used.
+    SUB: tl.constexpr = MOBA_B // BLOCK_N
+    j_stop = max_pos // MOBA_B
+    i_stop = n_blk - 1 - (last - j_stop)
+    m_stop = (i_stop >= 0) & (i_stop < n_blk)
+    j_at = tl.load(p_blocks + tl.minimum(tl.maximum(i_stop, 0), tl.maximum(n_blk - 1, 0)))
+    step_hi = tl.where(m_stop & (j_at == j_stop), i_stop * SUB + (max_pos % MOBA_B) // BLOCK_N + 1,
+                       n_blk * SUB)
     acc, m_i, l_i, i_ptr = _attend_blocks(
-        acc, m_i, l_i, i_ptr, it_lo, mid, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
+        acc, m_i, l_i, i_ptr, it_lo, mid, step_hi, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
         pos_q, m_row, max_pos, o_d, m_d, scale_log2, softcap, window,
-        MOBA_B, PAGE, BLOCK_N, False, TOKEN_MASK, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+        MOBA_B, PAGE, BLOCK_N, False, TOKEN_MASK, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT, PREFETCH)
     acc, m_i, l_i, i_ptr = _attend_blocks(
-        acc, m_i, l_i, i_ptr, mid, it_hi, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
+        acc, m_i, l_i, i_ptr, mid, it_hi, step_hi, b_q, p_blocks, p_bt, p_mem, k_ptr, v_ptr, i_hk,
         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
         pos_q, m_row, max_pos, o_d, m_d, scale_log2, softcap, window,
-        MOBA_B, PAGE, BLOCK_N, True, TOKEN_MASK, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+        MOBA_B, PAGE, BLOCK_N, True, TOKEN_MASK, HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT, PREFETCH)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     b_o = acc / l_safe[:, None]
@@ -217,7 +265,7 @@ def _sparse_attn_kernel(
 
 def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *, block_size, scale,
                        softcap, window, block_m, num_splits, block_n=None, num_warps=None,
-                       num_stages=None) -> None:
+                       num_stages=None, prefetch=None) -> None:
     """Launch the kernel over `tiles` (a plan TileSet); `out` is [T, H, D] when num_splits == 1,
     else [NT, H, num_splits, D] float32 partials with `lse` [NT, H, num_splits] (one-token tiles)."""
     T, H, D = q.shape
@@ -270,6 +318,7 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
         BLOCK_M=block_m, BLOCK_N=block_n, W_POW2=next_pow2(W), W=W,
         TOKEN_MASK=token_mask, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap > 0, HAS_WINDOW=window > 0, IEEE_DOT=q.dtype == torch.float32,
+        PREFETCH=PREFETCH_STEPS if prefetch is None else prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
 
