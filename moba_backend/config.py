@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -169,10 +170,10 @@ def parse_moba_config(raw: str | Mapping[str, Any] | MobaConfig | None) -> MobaC
         else:
             msg = f"{loc}={err.get('input')!r}: {err['msg']}"
         # name the keys as the user wrote them where an alias was used
-        aliases = [f"{k} (given as {a})" for a in raw if isinstance(a, str) and a.startswith("plas_")
-                   for k in ["moba_" + a[len("plas_"):]] if k in msg]
-        if aliases:
-            msg += f"; {', '.join(aliases)}"
+        given = [f"{name} (given as {key})" for key in raw if str(key).startswith("plas_")
+                 for name in ["moba_" + str(key)[len("plas_"):]] if re.search(rf"\b{name}\b", msg)]
+        if given:
+            msg += f"; {', '.join(given)}"
         raise MobaConfigError(msg) from None
 
 

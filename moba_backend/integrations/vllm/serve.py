@@ -81,6 +81,7 @@ def prepare(argv: list[str]) -> argparse.Namespace:
 
     Raises MobaConfigError (bad MoBA config) or SystemExit (argparse) before any engine starts.
     """
+    from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
     parser = build_parser()
@@ -104,8 +105,6 @@ def prepare(argv: list[str]) -> argparse.Namespace:
         dtype_given = any(a == "--dtype" or a.startswith("--dtype=") for a in argv)
         if not dtype_given and getattr(args, "dtype", "auto") == "auto" and not cpu_has_fast_bf16():
             args.dtype = CPU_FALLBACK_DTYPE
-            from vllm.logger import init_logger
-
             init_logger("vllm.moba_backend").info(
                 "this CPU has no bfloat16 instructions: serving in %s (--dtype chooses)", CPU_FALLBACK_DTYPE)
     else:
@@ -155,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"moba-serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging_from_args(args)
-    log = init_logger("vllm.moba_backend")
     # the whole config in effect, defaults included (the engine config shows only what differs)
-    log.info("MoBA attention config: %s",
-             parse_moba_config(args.additional_config[CONFIG_KEYS[0]]).model_dump(mode="json"))
+    init_logger("vllm.moba_backend").info(
+        "MoBA attention config: %s",
+        parse_moba_config(args.additional_config[CONFIG_KEYS[0]]).model_dump(mode="json"))
     cmd = ServeSubcommand()
     cmd.validate(args)
     cmd.cmd(args)
