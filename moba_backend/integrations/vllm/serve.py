@@ -28,7 +28,7 @@ CPU_KV_CACHE_GIB = 4
 
 # dtype moba-serve picks on a CPU without bfloat16 instructions when no --dtype is given: vLLM's
 # `auto` takes bfloat16 there, which such a CPU emulates (the embedded model, 6.5K-token prompt,
-# plain vLLM, 2 AVX2 cores: 210 s in bfloat16 against 86 s in float32)
+# plain vLLM, 2 AVX2 cores: 210 s in bfloat16 against 86 s in float32; benchmarks/bench_cpu_dtype.py)
 CPU_FALLBACK_DTYPE = "float32"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")   # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16)
 
