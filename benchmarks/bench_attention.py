@@ -181,6 +181,7 @@ class Timer:
     dev: torch.device
     slow_ms: float = 150.0     # above this, skip do_bench's estimate loop
     budget_ms: float = 2500.0  # samples of a slow call: about this much time in all
+    rep_ms: float = 100.0      # do_bench: about this much time of timed calls
 
     def __call__(self, fn, warm: bool = True) -> float:
         """Median ms of `fn`. Fast calls: triton.testing.do_bench (median). Slow calls (the 512K
@@ -195,7 +196,7 @@ class Timer:
         if first >= self.slow_ms:
             n = max(0, min(4, int(self.budget_ms / first) - 1))
             return statistics.median([first] + [time_once(fn, self.dev) for _ in range(n)])
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,8 +710,9 @@ def bench_prefill(c: Ctx, L: int, P: int) -> None:
             row.ideal, row.ideal_union = dense_pairs / sel_pairs, dense_pairs / uni_pairs
             row.sel_frac, row.union_frac = sel_pairs / dense_pairs, uni_pairs / dense_pairs
             state.update(plan=plan, sel=sel, summ=summ, sel_pairs=sel_pairs)
-            row.ms = c.timer(lambda: attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ,
-                                                  plan, out=out), warm=False)
+            state["moba_fn"] = lambda: attn.forward(q, None, None, paged.k_cache, paged.v_cache, summ, plan,
+                                                    out=out)
+            row.ms = c.timer(state["moba_fn"], warm=False)
             row.rate = flops(sel_pairs) / row.ms / 1e9
             print(f"    moba[{label}] {row.ms:.3f} ms  {row.rate:.1f} TFLOP/s  ideal x{row.ideal:.2f} "
                   f"(union x{row.ideal_union:.2f}, union {100 * row.union_frac:.1f}% of dense pairs)  "
@@ -741,16 +743,39 @@ def bench_prefill(c: Ctx, L: int, P: int) -> None:
                 reset_peak(dev)
                 guarded(f"flex[{mode}]", lambda: bench_flex(c, frow, mode, q, k_log, v_log, state["sel"],
                                                             state["plan"], out, attn.scale,
-                                                            flops(state["sel_pairs"])), frow, dev)
+                                                            flops(state["sel_pairs"]), state), frow, dev)
                 frow.peak_gb = peak_gb(dev)
+                if args.rounds > 1 and row.ms is not None and frow.ms is not None:
+                    guarded(f"moba[{label}] / flex[{mode}] rounds",
+                            lambda: alternate_rounds(c, row, frow, state, flops(state["sel_pairs"])), frow, dev)
         state.clear()
         free(dev)
     del paged, q, out
     free(dev)
 
 
-def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out, scale, flop) -> None:
-    """Time compiled flex_attention holding MoBA's selection; its output must equal MoBA's."""
+def alternate_rounds(c: Ctx, row: Row, frow: Row, state: dict, flop: float) -> None:
+    """Time MoBA's forward and FlexAttention's call again, alternating, args.rounds - 1 more
+    times each, and report each one's median over all its rounds. Timed once each, one after
+    the other, the first runs on a GPU still warm from the dense baseline while the second
+    follows FlexAttention's compilation (seconds of an idle GPU); alternating gives both the
+    same conditions."""
+    moba, flex = [row.ms], [frow.ms]
+    for _ in range(c.args.rounds - 1):
+        moba.append(c.timer(state["moba_fn"], warm=False))
+        flex.append(c.timer(state["flex_fn"], warm=False))
+    row.ms, frow.ms = statistics.median(moba), statistics.median(flex)
+    row.rate, frow.rate = flop / row.ms / 1e9, flop / frow.ms / 1e9
+    row.note = (row.note + "; " if row.note else "") + f"median of {len(moba)} rounds alternating with FlexAttention"
+    frow.note += f"; median of {len(flex)} rounds alternating with MoBA"
+    print(f"    rounds (ms), MoBA: {' '.join(f'{t:.3f}' for t in moba)}; "
+          f"FlexAttention: {' '.join(f'{t:.3f}' for t in flex)}; medians {row.ms:.3f} / {frow.ms:.3f}")
+
+
+def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out, scale, flop,
+               state: dict) -> None:
+    """Time compiled flex_attention holding MoBA's selection; its output must equal MoBA's. Leaves
+    the timed call in state["flex_fn"]."""
     s, dev = c.shapes, c.dev
     L = q.shape[0]
     flex, label = flex_callable(dev)
@@ -790,7 +815,8 @@ def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out
     compile_s = time.perf_counter() - t0
     err = rel_err(o[0].transpose(0, 1), moba_out)
     del o
-    row.ms = c.timer(lambda: call(flex), warm=False)
+    state["flex_fn"] = lambda: call(flex)
+    row.ms = c.timer(state["flex_fn"], warm=False)
     row.rate = flop / row.ms / 1e9
     row.note = f"flex {label}; vs moba rel err {err:.1e}; mask {build_ms:.0f} ms; 1st call {compile_s:.1f} s"
     print(f"    flex[{mode}, {label}] {row.ms:.3f} ms  {row.rate:.1f} TFLOP/s  rel err vs moba {err:.2e}  "
@@ -1061,6 +1087,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--structured", action="store_true",
                     help="q/k with locality (per-token selections overlap as in a model)")
     ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip the FlexAttention peer")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="prefill: time MoBA and FlexAttention this many times each, alternating, and report "
+                         "the medians (1: once each, one after the other)")
+    ap.add_argument("--rep-ms", type=float, default=100.0,
+                    help="milliseconds of timed calls per do_bench measurement (calls under --slow-ms)")
     ap.add_argument("--flex-bitmap-gb", type=float, default=2.0,
                     help="token-mode Flex peer only where its [H, L, L/block] bool bitmap fits this")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
@@ -1099,6 +1130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [L for L in args.lens if L % shapes.query_tile]
     if bad:
         ap.error(f"--lens {bad}: prefill lengths must be multiples of the query tile {shapes.query_tile}")
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be at least 1")
+    if args.rep_ms <= 0:
+        ap.error(f"--rep-ms {args.rep_ms}: must be positive")
     return args
 
 
@@ -1110,7 +1145,7 @@ def main(argv=None) -> None:
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device cpu needs TRITON_INTERPRET=1 (set it before Python starts)")
     shapes = TINY if args.tiny else FULL
-    c = Ctx(args, shapes, dev, getattr(torch, args.dtype), Timer(dev, slow_ms=args.slow_ms))
+    c = Ctx(args, shapes, dev, getattr(torch, args.dtype), Timer(dev, slow_ms=args.slow_ms, rep_ms=args.rep_ms))
     env = environment(dev)
     for line in env:
         print(line)

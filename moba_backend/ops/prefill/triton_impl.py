@@ -24,10 +24,10 @@ from moba_backend.plan import TileSet
 LOG2E = 1.4426950408889634
 # NOTE: a global read inside a jit function must be a tl.constexpr.
 SENTINEL_K = tl.constexpr(SENTINEL)
-# loop steps ahead of its use that the attention loads a step's list entry and pages (0, 1, 2).
+# loop steps ahead of its use that the attention loads a step's list entry and pages (0 or 1).
 # H100, bf16, D 128, page 16, alternating A/B in one process (`benchmarks/tune_attention.py
 # --prefetch 0,1`): 128K `shared` prefill 38.18 -> 37.71 ms (mean of 3 pairs, each pair faster),
-# decode batch 16 at 128K 0.409 -> 0.402 ms; 2 steps ahead is slower (43.8 ms, 0.467 ms)
+# decode batch 16 at 128K 0.409 -> 0.402 ms; 2 steps ahead was slower (43.8 ms, 0.467 ms)
 PREFETCH_STEPS = 1
 
 
@@ -66,22 +66,15 @@ def _attend_blocks(
     # in the step itself, the K/V copies wait on them; issued PREFETCH steps ahead, they are in
     # registers by then (PREFETCH_STEPS: measured figures).
     j_a, pg_a = _step_pages(p_blocks, p_bt, it_lo * SUB, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N, CAUSAL)
-    j_b, pg_b = _step_pages(p_blocks, p_bt, it_lo * SUB + 1, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
-                            CAUSAL)
     # NOTE: one flat loop over (selected block, sub-tile) keeps the K/V loads pipelined across
     # blocks; sub-tiles wholly after the tile's last query only load masked (no traffic).
     for it in range(it_lo * SUB, it_end):
         i_sub = it % SUB
         if PREFETCH == 0:
             j, i_page = _step_pages(p_blocks, p_bt, it, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N, CAUSAL)
-        elif PREFETCH == 1:
-            j, i_page = j_a, pg_a
-            j_a, pg_a = _step_pages(p_blocks, p_bt, it + 1, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
-                                    CAUSAL)
         else:
             j, i_page = j_a, pg_a
-            j_a, pg_a = j_b, pg_b
-            j_b, pg_b = _step_pages(p_blocks, p_bt, it + 2, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
+            j_a, pg_a = _step_pages(p_blocks, p_bt, it + 1, it_end, o_n, max_pos, MOBA_B, PAGE, BLOCK_N,
                                     CAUSAL)
         pos_k = j * MOBA_B + i_sub * BLOCK_N + o_n                               # [BLOCK_N]
         if CAUSAL:
