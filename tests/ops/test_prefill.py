@@ -124,3 +124,18 @@ def test_by_block_kernel_many_spans_and_passes(monkeypatch, budget):
 def test_prefill_kernel_gpu(case, dtype, kernel):
     spec = {**CASES, **GPU_CASES}[case]
     run_case(*spec, dtype=dtype, dev="cuda", tol=1e-2 if dtype != torch.float32 else 1e-4, kernel=kernel)
+
+
+@requires_triton
+def test_launch_rejects_unknown_prefetch():
+    from moba_backend.ops.prefill.triton_impl import sparse_attn_launch
+
+    dev = kernel_device()
+    b = make_batch([(0, 40, False)], H=4, HK=2, D=64, P=16, dtype=torch.float32)
+    plan = b.plan(moba_cfg(moba_block_size=16), device=dev)
+    _, sel = random_selection(plan, 4, 2)
+    out = torch.empty_like(b.q).to(dev)
+    with pytest.raises(ValueError, match="prefetch=2"):
+        sparse_attn_launch(b.q.to(dev), b.k_cache.to(dev), b.v_cache.to(dev), b.block_table.to(dev), plan.prefill,
+                           sel, out, None, block_size=16, scale=0.125, softcap=0.0, window=-1,
+                           block_m=plan.block_m, num_splits=1, prefetch=2)

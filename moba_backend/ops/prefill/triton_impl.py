@@ -286,6 +286,8 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
         # at twice the 16-bit size: 128 keys x 4 stages no longer fit in an H100's 228 KiB
         block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
         num_stages = min(num_stages, 2)
+    prefetch = PREFETCH_STEPS if prefetch is None else prefetch
+    check(prefetch in (0, 1), f"sparse_attn_launch: prefetch={prefetch}, expected 0 or 1 (loop steps ahead)")
     member = sel.member_blocks
     token_mask = member is not None
     if member is None:
@@ -311,7 +313,7 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
         BLOCK_M=block_m, BLOCK_N=block_n, W_POW2=next_pow2(W), W=W,
         TOKEN_MASK=token_mask, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap > 0, HAS_WINDOW=window > 0, IEEE_DOT=q.dtype == torch.float32,
-        PREFETCH=PREFETCH_STEPS if prefetch is None else prefetch,
+        PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
 
