@@ -127,13 +127,18 @@ class MobaConfig(BaseModel):
                 f"sequence of {seq_len} tokens exceeds moba_max_seq_length={cap}")
 
 
+def _canonical_key(key: str) -> str:
+    """The `moba_*` name of a key (`plas_*` aliases map to theirs)."""
+    return "moba_" + key[len("plas_"):] if key.startswith("plas_") else key
+
+
 def _normalize_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fields = MobaConfig.model_fields
     for key, value in raw.items():
         if not isinstance(key, str):
             raise MobaConfigError(f"config key {key!r}: keys must be strings")
-        name = "moba_" + key[len("plas_"):] if key.startswith("plas_") else key
+        name = _canonical_key(key)
         if name not in fields:
             allowed = ", ".join(sorted(fields))
             raise MobaConfigError(f"unknown MoBA config key {key!r}; allowed keys: {allowed}")
@@ -170,8 +175,8 @@ def parse_moba_config(raw: str | Mapping[str, Any] | MobaConfig | None) -> MobaC
         else:
             msg = f"{loc}={err.get('input')!r}: {err['msg']}"
         # name the keys as the user wrote them where an alias was used
-        given = [f"{name} (given as {key})" for key in raw if str(key).startswith("plas_")
-                 for name in ["moba_" + str(key)[len("plas_"):]] if re.search(rf"\b{name}\b", msg)]
+        aliased = {_canonical_key(key): key for key in raw if _canonical_key(key) != key}
+        given = [f"{name} (given as {key})" for name, key in aliased.items() if re.search(rf"\b{name}\b", msg)]
         if given:
             msg += f"; {', '.join(given)}"
         raise MobaConfigError(msg) from None
