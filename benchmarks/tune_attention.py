@@ -25,6 +25,11 @@ from moba_backend.ops.select.fast import select
 from moba_backend.plan import build_plan
 
 
+def median_ms(args, fn) -> float:
+    """Median ms of fn over about args.rep ms of timed calls (triton.testing.do_bench)."""
+    return triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+
+
 def make_step(L, batch, decode, H=32, HK=8, D=128, P=16, mode="shared", dtype=torch.bfloat16):
     cfg = MobaConfig(moba_tile_select=mode)
     pages = (L + P - 1) // P
@@ -67,7 +72,7 @@ def tune_token(args, ints) -> None:
                                       block_size=128, scale=128 ** -0.5,
                                       num_visible_blocks=plan.num_visible_blocks)
             try:
-                t = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+                t = median_ms(args, fn)
                 fn()
                 ref = out.clone() if ref is None else ref
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -78,8 +83,7 @@ def tune_token(args, ints) -> None:
         for cfg in args.topk.split(","):
             el, w = (int(x) for x in cfg.split(":"))
             sel_impl.TOPK_ELEMS, sel_impl.TOPK_NUM_WARPS = el, w
-            t = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
-                                        rep=args.rep, return_mode="median")
+            t = median_ms(args, lambda: select(q, sc, plan, layer.params, backend="triton"))
             print(f"token select L={L} topk elems={el} warps={w} (x2 past 1024 blocks): {t:.3f} ms")
 
 
@@ -116,8 +120,7 @@ def main() -> None:
         for L, mode in itertools.product(ints(args.lens), args.gate_modes.split(",")):
             q, kc, vc, plan, sel, layer = make_step(L, 1, False, mode=mode)
             sc = torch.randn(layer.summary_shape(kc.shape[0], kc.shape[1]), device="cuda")
-            t_all = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
-                                            rep=args.rep, return_mode="median")
+            t_all = median_ms(args, lambda: select(q, sc, plan, layer.params, backend="triton"))
             print(f"gate L={L}: full {mode} select {t_all:.3f} ms")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
@@ -135,7 +138,7 @@ def main() -> None:
                     fn = lambda: triton_impl.group_scores_fwd(  # noqa: E731
                         q, sc, plan, "mean", 1, 128 ** -0.5, block_m=bm, block_j=bj, num_warps=w,
                         num_stages=st, compact=bool(cp), fused=bool(fu))
-                    t = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+                    t = median_ms(args, fn)
                     g = fn()
                     k = max(plan.max_select, 1)
                     same = (g.topk(k, -1).indices.sort(-1).values == ref.topk(k, -1).indices.sort(-1).values)
@@ -155,8 +158,8 @@ def main() -> None:
         print(f"page size {P}, block_m {bm}")
         dense_q = q.view(1, L, 32, 128).transpose(1, 2)
         dk = torch.randn(1, 8, L, 128, dtype=q.dtype, device="cuda").repeat_interleave(4, 1)
-        t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-            dense_q, dk, dk, is_causal=True), rep=args.rep, return_mode="median")
+        t_dense = median_ms(args, lambda: torch.nn.functional.scaled_dot_product_attention(
+            dense_q, dk, dk, is_causal=True))
         print(f"prefill L={L}: dense sdpa {t_dense:.3f} ms; lists {tuple(sel.tile_blocks.shape)}")
         ref = None
         for bn, w, st, pf in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
@@ -166,7 +169,7 @@ def main() -> None:
                                                 block_size=128, scale=128 ** -0.5, softcap=0.0, window=-1,
                                                 block_m=plan.block_m, num_splits=1, block_n=bn,
                                                 num_warps=w, num_stages=st, prefetch=pf)
-                t = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+                t = median_ms(args, fn)
                 out.fill_(float("nan"))
                 fn()
                 ref = out.float().clone() if ref is None else ref
@@ -192,24 +195,22 @@ def main() -> None:
                                    block_n=bn, num_warps=w, num_stages=st, prefetch=pf)
                 out[plan.decode.q0.long()] = merge_splits(o_part, lse).to(out.dtype)
             try:
-                t = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+                t = median_ms(args, fn)
                 print(f"  decode b16 L={args.decode_len} splits={S} block_n={bn} warps={w} stages={st} prefetch={pf}: "
                       f"{t:.3f} ms")
             except Exception as e:
                 print(f"  decode splits={S} block_n={bn}: {type(e).__name__}")
     print("auto splits:", num_splits_for(T, 8, sel.tile_blocks.shape[-1]))
     sc = torch.randn(layer.summary_shape(kc.shape[0], kc.shape[1]), device="cuda")
-    t_sel = triton.testing.do_bench(lambda: select(q, sc, plan, layer.params, backend="triton"),
-                                    rep=args.rep, return_mode="median")
+    t_sel = median_ms(args, lambda: select(q, sc, plan, layer.params, backend="triton"))
     k = torch.randn(16, 8, args.decode_len, 128, dtype=q.dtype, device="cuda")
-    t_dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.view(16, 1, 32, 128).transpose(1, 2), k, k, enable_gqa=True), rep=args.rep, return_mode="median")
+    t_dense = median_ms(args, lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.view(16, 1, 32, 128).transpose(1, 2), k, k, enable_gqa=True))
     print(f"decode b16: fused select {t_sel:.3f} ms; dense sdpa {t_dense:.3f} ms")
     for mode in ("token", "union"):
         q2, kc2, vc2, plan2, sel2, layer2 = make_step(args.decode_len, 16, True, mode=mode)
         sc2 = torch.randn(layer2.summary_shape(kc2.shape[0], kc2.shape[1]), device="cuda")
-        t = triton.testing.do_bench(lambda: select(q2, sc2, plan2, layer2.params, backend="triton"),
-                                    rep=args.rep, return_mode="median")
+        t = median_ms(args, lambda: select(q2, sc2, plan2, layer2.params, backend="triton"))
         print(f"decode b16 {mode}: fused select {t:.3f} ms")
 
 
