@@ -741,11 +741,11 @@ def bench_prefill(c: Ctx, L: int, P: int) -> None:
                 print(f"    flex[token] {frow.note}")
             else:
                 reset_peak(dev)
-                guarded(f"flex[{mode}]", lambda: bench_flex(c, frow, mode, q, k_log, v_log, state["sel"],
-                                                            state["plan"], out, attn.scale,
-                                                            flops(state["sel_pairs"]), state), frow, dev)
+                state["flex_fn"] = guarded(f"flex[{mode}]", lambda: bench_flex(
+                    c, frow, mode, q, k_log, v_log, state["sel"], state["plan"], out, attn.scale,
+                    flops(state["sel_pairs"])), frow, dev)
                 frow.peak_gb = peak_gb(dev)
-                if args.rounds > 1 and row.ms is not None and frow.ms is not None:
+                if args.rounds > 1 and row.ms is not None and state["flex_fn"] is not None:
                     guarded(f"moba[{label}] / flex[{mode}] rounds",
                             lambda: alternate_rounds(c, row, frow, state, flops(state["sel_pairs"])), frow, dev)
         state.clear()
@@ -772,10 +772,9 @@ def alternate_rounds(c: Ctx, row: Row, frow: Row, state: dict, flop: float) -> N
           f"FlexAttention: {' '.join(f'{t:.3f}' for t in flex)}; medians {row.ms:.3f} / {frow.ms:.3f}")
 
 
-def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out, scale, flop,
-               state: dict) -> None:
-    """Time compiled flex_attention holding MoBA's selection; its output must equal MoBA's. Leaves
-    the timed call in state["flex_fn"]."""
+def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out, scale, flop):
+    """Time compiled flex_attention holding MoBA's selection; its output must equal MoBA's.
+    Returns the timed call."""
     s, dev = c.shapes, c.dev
     L = q.shape[0]
     flex, label = flex_callable(dev)
@@ -815,8 +814,8 @@ def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out
     compile_s = time.perf_counter() - t0
     err = rel_err(o[0].transpose(0, 1), moba_out)
     del o
-    state["flex_fn"] = lambda: call(flex)
-    row.ms = c.timer(state["flex_fn"], warm=False)
+    flex_fn = lambda: call(flex)  # noqa: E731
+    row.ms = c.timer(flex_fn, warm=False)
     row.rate = flop / row.ms / 1e9
     row.note = f"flex {label}; vs moba rel err {err:.1e}; mask {build_ms:.0f} ms; 1st call {compile_s:.1f} s"
     print(f"    flex[{mode}, {label}] {row.ms:.3f} ms  {row.rate:.1f} TFLOP/s  rel err vs moba {err:.2e}  "
@@ -824,6 +823,7 @@ def bench_flex(c: Ctx, row: Row, mode: str, q, k_log, v_log, sel, plan, moba_out
     if err > 2e-2:
         print(f"    !! flex and moba disagree (rel err {err:.2e}): the BlockMask does not hold the selection")
         row.note += " MISMATCH"
+    return flex_fn
 
 
 def bench_decode(c: Ctx, L: int, b: int, P: int) -> None:
