@@ -156,20 +156,22 @@ def test_group_scores_from_compact_summaries_are_identical(gate, P, dtype):
 
 
 @requires_triton
-@pytest.mark.parametrize("gate,P,block_m", [("mean", 16, 64), ("minmax", 32, 16), ("mean", 128, 32)])
-def test_group_scores_one_launch_equals_two(gate, P, block_m):
+@pytest.mark.parametrize("gate,P,block_m,block_j", [("mean", 16, 64, 16), ("minmax", 32, 16, 64),
+                                                   ("mean", 128, 32, 32)])
+def test_group_scores_one_launch_equals_two(gate, P, block_m, block_j):
     """The one-launch `shared` group score (per-member normalisers, then an atomic max over the
     members of each block) equals the two-launch one on a mixed batch: same forced/-inf entries
-    and the same candidate values to float32 rounding (their sums may be ordered differently)."""
+    and the same candidate values to float32 rounding (their sums may be ordered differently).
+    Candidate runs span whole steps of `block_j` blocks (swept unmasked) and a partial one."""
     from moba_backend.ops.select.triton_impl import group_scores_fwd
 
     dev = kernel_device()
     cfg = moba_cfg(moba_gate=gate, moba_tile_select="shared")
-    b = make_batch(BATCHES["mixed_decode_chunked_prefill"] + [(0, 300, False)], H=8, HK=2, D=64, P=P,
-                   dtype=torch.float16)
+    b = make_batch(BATCHES["mixed_decode_chunked_prefill"] + [(0, 300, False), (1100, 130, False)], H=8, HK=2,
+                   D=64, P=P, dtype=torch.float16)
     plan = b.plan(cfg, device=dev)
     sc = fixed_summaries(b, cfg, dev)
-    one = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, block_m=block_m, fused=True)
+    one = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, block_m=block_m, block_j=block_j, fused=True)
     two = group_scores_fwd(b.q.to(dev), sc, plan, gate, 1, 0.125, block_m=block_m, fused=False)
     finite = torch.isfinite(two)
     assert finite.any() and (two == float("inf")).any()

@@ -245,26 +245,38 @@ def _dot_t(b_s0, b_s1, b_q, MINMAX: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _lse_step(b_s, m_i, l_i, scale_log2):
+    """One online log2-sum-exp2 step over scores b_s [BLOCK_M, BLOCK_J] (masked columns -inf,
+    at least one finite column: the running max is finite after the first step, so no -inf
+    guard, and the scale folds into one multiply-add)."""
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(b_s * scale_log2 - m_new[:, None]), axis=1)
+
+
+@triton.jit
 def _lse_sweep(b_q, s_ptr, s_row, bt_row, i_hk, o_d, m_d, stride_sp, stride_sslot, stride_ss, stride_sh,
                scale_log2, sink, flo, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
                MOBA_B: tl.constexpr, PAGE: tl.constexpr, MINMAX: tl.constexpr, IEEE: tl.constexpr,
                DIRECT: tl.constexpr):
     """Running (max, sum) of 2^(s * scale_log2) of each row of b_q over candidates sink .. flo-1:
-    log2-sum-exp2 = m + log2(l) ([BLOCK_M] each; m -inf and l 0 when there is no candidate)."""
+    log2-sum-exp2 = m + log2(l) ([BLOCK_M] each; m -inf and l 0 when there is no candidate).
+    The whole steps skip the column mask; only a last partial step applies it (the fused group
+    kernel at 128K on an H200: 2.57 -> 2.48 ms, three alternating pairs)."""
     o_jj = tl.arange(0, BLOCK_J)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(sink, flo, BLOCK_J):
+    j_tail = sink + (flo - sink) // BLOCK_J * BLOCK_J
+    for j0 in range(sink, j_tail, BLOCK_J):
+        o_j = j0 + o_jj
+        b_s = _group_scores(b_q, s_ptr, s_row, bt_row, o_j, o_j < flo, i_hk, o_d, m_d, stride_sp, stride_sslot,
+                            stride_ss, stride_sh, MOBA_B, PAGE, MINMAX, IEEE, DIRECT)
+        m_i, l_i = _lse_step(b_s, m_i, l_i, scale_log2)
+    for j0 in range(j_tail, flo, BLOCK_J):          # at most one partial step
         o_j = j0 + o_jj
         m_j = o_j < flo
         b_s = _group_scores(b_q, s_ptr, s_row, bt_row, o_j, m_j, i_hk, o_d, m_d, stride_sp, stride_sslot,
                             stride_ss, stride_sh, MOBA_B, PAGE, MINMAX, IEEE, DIRECT)
-        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
-        # each step holds a candidate (j0 < flo), so the running max is finite after the first:
-        # no -inf guard, and the scale folds into one multiply-add
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1) * scale_log2)
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(b_s * scale_log2 - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = _lse_step(tl.where(m_j[None, :], b_s, float("-inf")), m_i, l_i, scale_log2)
     return m_i, l_i
 
 
