@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3")
     ap.add_argument("--prefetch", default="1", help="steps ahead the kernel loads list entries and pages, "
                                                     "e.g. 0,1")
+    ap.add_argument("--rescale-at", default="8", help="log2 growth of a row's max before the unmasked steps "
+                                                     "rescale (0: every step); repeat values to alternate, e.g. 0,8,0,8")
     ap.add_argument("--decode-splits", default="4,8,16,32")
     ap.add_argument("--gate-block-m", default="64,128")
     ap.add_argument("--gate-block-j", default="32,64,128")
@@ -162,19 +164,20 @@ def main() -> None:
             dense_q, dk, dk, is_causal=True))
         print(f"prefill L={L}: dense sdpa {t_dense:.3f} ms; lists {tuple(sel.tile_blocks.shape)}")
         ref = None
-        for bn, w, st, pf in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
-                                               ints(args.prefetch)):
+        for bn, w, st, pf, ra in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
+                                                   ints(args.prefetch), ints(args.rescale_at)):
             try:
                 fn = lambda: sparse_attn_launch(q, kc, vc, plan.block_table, plan.prefill, sel, out, None,  # noqa: E731
                                                 block_size=128, scale=128 ** -0.5, softcap=0.0, window=-1,
                                                 block_m=plan.block_m, num_splits=1, block_n=bn,
-                                                num_warps=w, num_stages=st, prefetch=pf)
+                                                num_warps=w, num_stages=st, prefetch=pf, rescale_at=ra)
                 t = median_ms(args, fn)
                 out.fill_(float("nan"))
                 fn()
                 ref = out.float().clone() if ref is None else ref
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                print(f"  block_m={plan.block_m} block_n={bn} warps={w} stages={st} prefetch={pf}: {t:.3f} ms  "
+                print(f"  block_m={plan.block_m} block_n={bn} warps={w} stages={st} prefetch={pf} rescale_at={ra}: "
+                      f"{t:.3f} ms  "
                       f"x{t_dense / t:.2f} vs dense (rel diff to first {err:.1e})")
             except Exception as e:  # a config that does not fit (shared memory) is skipped
                 print(f"  block_n={bn} warps={w} stages={st} prefetch={pf}: {type(e).__name__}: {str(e)[:200]}")
@@ -184,20 +187,20 @@ def main() -> None:
     out = torch.empty_like(q)
     T = q.shape[0]
     for S in ints(args.decode_splits):
-        for bn, w, st, pf in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
-                                               ints(args.prefetch)):
+        for bn, w, st, pf, ra in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
+                                                   ints(args.prefetch), ints(args.rescale_at)):
             o_part = torch.empty(T, 32, S, 128, device="cuda")
             lse = torch.empty(T, 32, S, device="cuda")
 
             def fn():
                 sparse_attn_launch(q, kc, vc, plan.block_table, plan.decode, sel, o_part, lse, block_size=128,
                                    scale=128 ** -0.5, softcap=0.0, window=-1, block_m=16, num_splits=S,
-                                   block_n=bn, num_warps=w, num_stages=st, prefetch=pf)
+                                   block_n=bn, num_warps=w, num_stages=st, prefetch=pf, rescale_at=ra)
                 out[plan.decode.q0.long()] = merge_splits(o_part, lse).to(out.dtype)
             try:
                 t = median_ms(args, fn)
-                print(f"  decode b16 L={args.decode_len} splits={S} block_n={bn} warps={w} stages={st} prefetch={pf}: "
-                      f"{t:.3f} ms")
+                print(f"  decode b16 L={args.decode_len} splits={S} block_n={bn} warps={w} stages={st} prefetch={pf} "
+                      f"rescale_at={ra}: {t:.3f} ms")
             except Exception as e:
                 print(f"  decode splits={S} block_n={bn}: {type(e).__name__}")
     print("auto splits:", num_splits_for(T, 8, sel.tile_blocks.shape[-1]))

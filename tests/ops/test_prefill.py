@@ -25,15 +25,18 @@ GPU_CASES = {
 }
 
 
-def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4, kernel="tile"):
+def run_case(reqs, H, HK, D, P, B, dtype, dev, softcap=0.0, window=-1, tol=1e-4, kernel="tile",
+             key_spread=0.0, tiles_only=False):
     """kernel `tile`: the per-tile kernel over the union; `by_block`: the `token` kernel
     organised by KV block (`token_prefill_fwd`); `torch`: the CPU path (`torch_impl`) with the
     members' own lists; `torch_tiles`: the CPU path with tile lists only (`union`, `shared`)."""
     b = make_batch(reqs, H=H, HK=HK, D=D, P=P, dtype=dtype)
     b.write_new_kv()
+    if key_spread:  # keys of each page scaled by up to e^key_spread: running maxima jump by far more than 2^8
+        b.k_cache.mul_(torch.exp(torch.rand(b.k_cache.shape[0], 1, 1, 1) * key_spread).to(b.k_cache.dtype))
     plan = b.plan(moba_cfg(moba_block_size=B, moba_tile_select="token"), device=dev)
     mask, sel = random_selection(plan, H, HK, density=0.4)
-    if kernel == "torch_tiles":
+    if kernel == "torch_tiles" or tiles_only:   # no member masks: `union` / `shared` lists
         sel = Selection(sel.tile_blocks, sel.tile_nblocks, None)
         mask = selection_mask(sel, plan, H)
     ref = sparse_attention(b.q.double(), b.k_cache.double(), b.v_cache.double(), b.block_table,
@@ -106,6 +109,16 @@ def test_prefill_kernel_softcap_and_window(kernel):
 
 
 @requires_triton
+@requires_triton
+@pytest.mark.parametrize("tiles_only", [True, False], ids=["tile_lists", "member_lists"])
+def test_prefill_kernel_scores_that_jump(tiles_only):
+    """Keys whose scale varies from page to page by up to e^4: the unmasked steps' running max
+    (moved, with the accumulator rescaled, only when a row's max grows by more than 2^8) still
+    gives exact attention, whether a step moves it or not."""
+    run_case([(300, 200, False), (0, 150, False)], 8, 2, 64, 16, 16, dtype=torch.float32,
+             dev=kernel_device(), kernel="tile", key_spread=4.0, tiles_only=tiles_only)
+
+
 @pytest.mark.parametrize("budget", [100_000, 3_000_000], ids=["budget_cut_spans", "spans_share_a_pass"])
 def test_by_block_kernel_many_spans_and_passes(monkeypatch, budget):
     """Spans cut inside requests (by SPAN_TOKENS, or shorter where a span's partials would pass
