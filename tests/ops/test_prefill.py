@@ -109,7 +109,6 @@ def test_prefill_kernel_softcap_and_window(kernel):
 
 
 @requires_triton
-@requires_triton
 @pytest.mark.parametrize("tiles_only", [True, False], ids=["tile_lists", "member_lists"])
 def test_prefill_kernel_scores_that_jump(tiles_only):
     """Keys whose scale varies from page to page by up to e^4: the unmasked steps' running max
@@ -119,6 +118,7 @@ def test_prefill_kernel_scores_that_jump(tiles_only):
              dev=kernel_device(), kernel="tile", key_spread=4.0, tiles_only=tiles_only)
 
 
+@requires_triton
 @pytest.mark.parametrize("budget", [100_000, 3_000_000], ids=["budget_cut_spans", "spans_share_a_pass"])
 def test_by_block_kernel_many_spans_and_passes(monkeypatch, budget):
     """Spans cut inside requests (by SPAN_TOKENS, or shorter where a span's partials would pass
