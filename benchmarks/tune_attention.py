@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--topk", default="4096:4,4096:2,2048:2,8192:8", help="member top-k configs elems:warps")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
     if "token" in args.only:
         tune_token(args, ints)
@@ -165,7 +166,7 @@ def main() -> None:
         print(f"prefill L={L}: dense sdpa {t_dense:.3f} ms; lists {tuple(sel.tile_blocks.shape)}")
         ref = None
         for bn, w, st, pf, ra in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
-                                                   ints(args.prefetch), ints(args.rescale_at)):
+                                                   ints(args.prefetch), floats(args.rescale_at)):
             try:
                 fn = lambda: sparse_attn_launch(q, kc, vc, plan.block_table, plan.prefill, sel, out, None,  # noqa: E731
                                                 block_size=128, scale=128 ** -0.5, softcap=0.0, window=-1,
@@ -180,7 +181,8 @@ def main() -> None:
                       f"{t:.3f} ms  "
                       f"x{t_dense / t:.2f} vs dense (rel diff to first {err:.1e})")
             except Exception as e:  # a config that does not fit (shared memory) is skipped
-                print(f"  block_n={bn} warps={w} stages={st} prefetch={pf}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"  block_n={bn} warps={w} stages={st} prefetch={pf} rescale_at={ra}: {type(e).__name__}: "
+                      f"{str(e)[:200]}")
     if "decode" not in args.only:
         return
     q, kc, vc, plan, sel, layer = make_step(args.decode_len, 16, True)
@@ -188,7 +190,7 @@ def main() -> None:
     T = q.shape[0]
     for S in ints(args.decode_splits):
         for bn, w, st, pf, ra in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
-                                                   ints(args.prefetch), ints(args.rescale_at)):
+                                                   ints(args.prefetch), floats(args.rescale_at)):
             o_part = torch.empty(T, 32, S, 128, device="cuda")
             lse = torch.empty(T, 32, S, device="cuda")
 

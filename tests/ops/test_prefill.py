@@ -109,13 +109,17 @@ def test_prefill_kernel_softcap_and_window(kernel):
 
 
 @requires_triton
-@pytest.mark.parametrize("tiles_only", [True, False], ids=["tile_lists", "member_lists"])
-def test_prefill_kernel_scores_that_jump(tiles_only):
-    """Keys whose scale varies from page to page by up to e^4: the unmasked steps' running max
-    (moved, with the accumulator rescaled, only when a row's max grows by more than 2^8) still
-    gives exact attention, whether a step moves it or not."""
-    run_case([(300, 200, False), (0, 150, False)], 8, 2, 64, 16, 16, dtype=torch.float32,
-             dev=kernel_device(), kernel="tile", key_spread=4.0, tiles_only=tiles_only)
+@pytest.mark.parametrize("dtype,spread,tol", [(torch.float32, 4.0, 1e-4), (torch.float16, 1.5, 1e-2)],
+                         ids=["fp32_spread4", "fp16_spread1.5"])
+@pytest.mark.parametrize("tiles_only", [True, False], ids=["tile_lists", "member_lists_masked_steps"])
+def test_prefill_kernel_scores_that_jump(tiles_only, dtype, spread, tol):
+    """Keys whose scale varies from page to page (up to e^spread): rows' maxima jump past 2^8
+    between steps. Tile lists (`union` / `shared`) run the unmasked steps' lazy running max (moved,
+    with the accumulator rescaled, only when a row's max grows by more than 2^8; p up to 2^8 in
+    the 16-bit P @ V product); member lists (`token`) run the masked steps, which rescale every
+    step. Both equal the float64 reference."""
+    run_case([(300, 200, False), (0, 150, False)], 8, 2, 64, 16, 16, dtype=dtype,
+             dev=kernel_device(), kernel="tile", key_spread=spread, tiles_only=tiles_only, tol=tol)
 
 
 @requires_triton

@@ -265,7 +265,7 @@ def _lse_sweep(b_q, s_ptr, s_row, bt_row, i_hk, o_d, m_d, stride_sp, stride_sslo
     o_jj = tl.arange(0, BLOCK_J)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    j_tail = sink + (flo - sink) // BLOCK_J * BLOCK_J
+    j_tail = sink + tl.maximum(flo - sink, 0) // BLOCK_J * BLOCK_J     # (no candidate: flo <= sink)
     for j0 in range(sink, j_tail, BLOCK_J):
         o_j = j0 + o_jj
         b_s = _group_scores(b_q, s_ptr, s_row, bt_row, o_j, o_j < flo, i_hk, o_d, m_d, stride_sp, stride_sslot,
