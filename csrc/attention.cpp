@@ -111,6 +111,7 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
   p.stride_lt = blocks.stride(0);
   p.stride_lh = blocks.stride(1);
   p.stride_nt = nblocks.stride(0);
+  p.num_slots = k_cache.size(0) * P;
   p.num_tiles = static_cast<int>(NT);
   p.num_heads = static_cast<int>(H);
   p.num_kv_heads = static_cast<int>(HK);

@@ -44,6 +44,7 @@ struct AttnParams {
   int64_t stride_ot, stride_oh;
   int64_t stride_bt;
   int64_t stride_lt, stride_lh, stride_nt;
+  int64_t num_slots;       // N * P: token slots of the cache
   int num_tiles, num_heads, num_kv_heads, group, block_size, page_size;
   int rows_per_tile;       // prefill: tokens per tile x group (rows of one tile)
   int num_splits;          // decode split-K parts

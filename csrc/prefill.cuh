@@ -12,6 +12,7 @@
 
 #include "common.cuh"
 #include "params.h"
+#include "prefill_sm90.cuh"
 
 namespace moba {
 
@@ -308,6 +309,7 @@ void launch_prefill_variant(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D>
 void launch_prefill(const AttnParams& p, cudaStream_t stream) {
   if (p.num_tiles == 0) return;
+  if (launch_prefill_sm90<T, D>(p, stream)) return;
   launch_prefill_variant<T, D, 0>(p, stream);
 }
 

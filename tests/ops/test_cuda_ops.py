@@ -68,15 +68,43 @@ DECODE = {**test_decode.CASES, **test_decode.GPU_CASES,
 MIXED = [(300, 1, True), (37, 90, False), (0, 45, False), (1000, 1, True), (200, 33, False)]
 
 
+# The prefill launcher runs the Hopper kernel (wgmma + TMA, csrc/prefill_sm90.cuh) on SM90 devices
+# for head dims 64 and 128 and power-of-two pages, the mma.sync kernel otherwise and wherever
+# MOBA_CUDA_WGMMA=0: both are checked.
+KERNELS = {"auto": None, "mma": "0"}
+
+
+@pytest.fixture(params=list(KERNELS), ids=list(KERNELS))
+def prefill_kernel(request, monkeypatch):
+    if KERNELS[request.param] is not None:
+        monkeypatch.setenv("MOBA_CUDA_WGMMA", KERNELS[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(PREFILL), ids=list(PREFILL))
-def test_cuda_prefill(case, dtype):
+def test_cuda_prefill(case, dtype, prefill_kernel):
     attention_case(*PREFILL[case], dtype=dtype, kind="prefill")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_prefill_softcap_and_window(dtype):
-    attention_case([(21, 100, False)], 4, 2, 64, 16, 16, dtype, "prefill", softcap=5.0, window=40)
+@pytest.mark.parametrize("case", ["d128_g4_p16_b128", "d128_g8_p32_b16", "d64_g16_p128_b128", "d128_g1_p16_b16"])
+def test_cuda_prefill_hopper_shapes(case, dtype, prefill_kernel):
+    """Shapes that reach the Hopper kernel's edges: several 128-key stages with a partial last
+    one, TMA boxes of 16/32/128 keys, 16 query heads a KV head, chunked prefill at odd offsets."""
+    shapes = {
+        "d128_g4_p16_b128": ([(333, 1111, False), (0, 129, False)], 16, 4, 128, 16, 128),
+        "d128_g8_p32_b16": ([(517, 700, False)], 16, 2, 128, 32, 16),
+        "d64_g16_p128_b128": ([(250, 390, False), (0, 17, False)], 32, 2, 64, 128, 128),
+        "d128_g1_p16_b16": ([(1, 513, False)], 4, 4, 128, 16, 16),
+    }
+    attention_case(*shapes[case], dtype=dtype, kind="prefill")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_prefill_softcap_and_window(dtype, D, prefill_kernel):
+    attention_case([(21, 100, False)], 4, 2, D, 16, 16, dtype, "prefill", softcap=5.0, window=40)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

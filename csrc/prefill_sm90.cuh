@@ -1,0 +1,371 @@
+// Sparse paged prefill for Hopper (sm_90a): warpgroup matrix instructions (wgmma) fed by the tensor
+// memory accelerator (TMA), warp-specialised.
+//
+// One CTA = 128 packed rows of one kernel tile x one KV head (row r: token r / G, query head r % G
+// of the group, as in prefill.cuh), 3 warpgroups:
+// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys 128 at a time and loads
+//   each 128-key chunk of K and V into a stage of shared memory with TMA, one box per run of
+//   `seg` = min(page, block) keys (such a run never leaves its page), 64 head-dim columns a box,
+//   128-byte swizzled; keys past the last query or the list read as zeros (out-of-range rows);
+// - warpgroups 1 and 2 (the consumers) own 64 rows each: S = Q K^T from shared memory, the online
+//   softmax in registers, O += P V with P from registers. S of chunk c is issued together with
+//   P V of chunk c - 1, and the softmax of chunk c runs while that P V is on the tensor cores.
+// Stages are handed over by mbarriers (full: bytes landed; empty: both consumers done with it).
+// Causal masking, the soft cap and the sliding window are applied as in prefill.cuh, only on
+// chunks that reach past the CTA's first query, hold padding, or under a window.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+#include "params.h"
+#include "sm90.cuh"
+
+namespace moba {
+
+template <int D>
+struct Sm90Prefill {
+  static constexpr int kBM = 128;      // rows a CTA: 2 consumer warpgroups x 64
+  static constexpr int kBN = 128;      // keys a stage
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 384;
+  static constexpr uint32_t kQBytes = kBM * D * 2;
+  static constexpr uint32_t kKvBytes = kBN * D * 2;  // one stage of K (or V)
+  // 1024 bytes of slack: the swizzled tiles start on a 1024-byte boundary.
+  static constexpr size_t kSmemBytes = 1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * sizeof(uint64_t);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1)
+    prefill_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_k,
+                        const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row) {
+#if MOBA_SM90
+  using Cfg = Sm90Prefill<D>;
+  using namespace sm90;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, NS = Cfg::kStages;
+  constexpr uint32_t kQBytes = Cfg::kQBytes, kKvBytes = Cfg::kKvBytes;
+  constexpr int NA = D / 64;  // 64-column atoms of a row
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* sQ = smem;
+  unsigned char* sK = sQ + kQBytes;       // [NS][kKvBytes]
+  unsigned char* sV = sK + NS * kKvBytes; // [NS][kKvBytes]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sV + NS * kKvBytes);
+  uint64_t* empty = full + NS;
+
+  const int tid = threadIdx.x;
+  const int i_t = blockIdx.x, i_hk = blockIdx.y;
+  const int G = p.group, B = p.block_size, P = p.page_size;
+  const int n_tok = p.tile_len[i_t];
+  const int row0 = blockIdx.z * kBM;
+  const int n_rows = n_tok * G;
+  if (row0 >= n_rows) return;
+  const int64_t i_req = p.tile_req[i_t];
+  const int64_t i_q0 = p.tile_q0[i_t];
+  const int pos0 = p.tile_pos0[i_t];
+  const int64_t i_row = p.tile_index[i_t];
+  const int* list = p.blocks + i_row * p.stride_lt + i_hk * p.stride_lh;
+  const int n_keys = p.nblocks[i_row * p.stride_nt + i_hk] * B;
+  const int n_chunks = (n_keys + kBN - 1) / kBN;
+  const int* bt = p.block_table + i_req * p.stride_bt;
+  const int min_pos = pos0 + row0 / G;
+  const int max_pos = pos0 + min(n_rows - 1, row0 + kBM - 1) / G;
+  const int b_shift = __ffs(B) - 1;  // B is a power of two
+  auto key_pos = [&](int k) { return (list[k >> b_shift] << b_shift) + (k & (B - 1)); };
+  // Chunks that hold a key at or before the CTA's last query (lists are ascending).
+  int n_live = 0;
+  while (n_live < n_chunks && key_pos(n_live * kBN) <= max_pos) ++n_live;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int wg = tid / 128;
+  if (wg == 0) {
+    // Producer warpgroup: warp 0 issues the loads, the other three have nothing to do.
+    setmaxnreg_dec<40>();
+    if (tid >= 32) return;
+    const int lane = tid;
+    const int n_seg = kBN / seg;
+    for (int c = 0; c < n_live; ++c) {
+      const int s = c % NS;
+      mbar_wait(&empty[s], ((c / NS) & 1) ^ 1);
+      if (lane == 0) mbar_arrive_expect_tx(&full[s], 2 * kKvBytes);
+      __syncwarp();
+      for (int i = lane; i < n_seg; i += 32) {
+        const int k = c * kBN + i * seg;
+        int row = oob_row;
+        if (k < n_keys) {
+          const int pos = key_pos(k);
+          // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
+          if (pos <= max_pos) row = bt[pos / P] * P + pos % P;
+        }
+#pragma unroll
+        for (int a = 0; a < NA; ++a) {
+          const uint32_t off = s * kKvBytes + a * kBN * 128 + i * seg * 128;
+          tma_load_3d(sK + off, &tmap_k, &full[s], a * 64, i_hk, row);
+          tma_load_3d(sV + off, &tmap_v, &full[s], a * 64, i_hk, row);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers.
+  setmaxnreg_inc<232>();
+  const int cw = wg - 1;                 // consumer 0 or 1: CTA rows [64 cw, 64 cw + 64)
+  const int ct = tid - 128 * wg;
+  const int wi = ct / 32, lane = ct % 32;
+  {
+    const T* q_base = static_cast<const T*>(p.q);
+    constexpr int DC = D / 8;
+    for (int v = ct; v < 64 * DC; v += 128) {
+      const int r = 64 * cw + v / DC, col = (v % DC) * 8;
+      const int rr = row0 + r;
+      const bool ok = rr < n_rows;
+      const int64_t tq = ok ? i_q0 + rr / G : 0;
+      const int h = i_hk * G + (ok ? rr % G : 0);
+      cp_async16(sQ + sw128_offset(r, col, kBM), q_base + tq * p.stride_qt + h * p.stride_qh + col, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    bar_sync(1 + cw, 128);
+  }
+
+  const int r_lo = 64 * cw + 16 * wi + lane / 4;  // this thread's rows: r_lo and r_lo + 8
+  const int qpos[2] = {pos0 + (row0 + r_lo) / G, pos0 + (row0 + r_lo + 8) / G};
+  const uint32_t q_addr = smem_addr(sQ) + 64 * cw * 128;
+  const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float s[kBN / 2];
+  uint32_t pf[kBN / 4];
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  auto s_gemm = [&](int stage) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t sub = (kk % 4) * 32;
+      const uint64_t da = desc_sw128(q_addr + (kk / 4) * kBM * 128 + sub, 16, 1024);
+      const uint64_t db = desc_sw128(k_addr + stage * kKvBytes + (kk / 4) * kBN * 128 + sub, 16, 1024);
+      Wgmma<kBN, T>::template ss<0>(s, da, db, kk > 0);
+    }
+  };
+  auto pv_gemm = [&](int stage) {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
+      const uint64_t db = desc_sw128(v_addr + stage * kKvBytes + kk * 16 * 128, kBN * 128, 1024);
+      Wgmma<D, T>::template rs<1>(o, a, db, 1);
+    }
+  };
+  // Logits of chunk c in the log2 domain, masked; the online softmax; exponentials left in s.
+  auto softmax = [&](int c, float (&alpha)[2]) {
+    const int last_k = min((c + 1) * kBN, n_keys) - 1;
+    const bool masked = p.window > 0 || (c + 1) * kBN > n_keys || key_pos(last_k) > min_pos;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = logit_log2(s[4 * i + e], p.scale_log2, p.softcap);
+        if (masked) {
+          const int k = c * kBN + 8 * i + 2 * (lane % 4) + (e & 1);
+          const int kp = k < n_keys ? key_pos(k) : INT_MAX;
+          const int qp = qpos[e >> 1];
+          const bool ok = kp <= qp && (p.window <= 0 || qp - kp < p.window);
+          x = ok ? x : -INFINITY;
+        }
+        s[4 * i + e] = x;
+      }
+    }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      float mx = m_run[h2];
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * h2], s[4 * i + 2 * h2 + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ms = mx == -INFINITY ? 0.f : mx;
+      alpha[h2] = exp2f(m_run[h2] - ms);
+      m_run[h2] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) {
+        s[4 * i + 2 * h2] = exp2f(s[4 * i + 2 * h2] - ms);
+        s[4 * i + 2 * h2 + 1] = exp2f(s[4 * i + 2 * h2 + 1] - ms);
+        sum += s[4 * i + 2 * h2] + s[4 * i + 2 * h2 + 1];
+      }
+      l_run[h2] = l_run[h2] * alpha[h2] + sum;
+    }
+  };
+  // P (the exponentials) as the A fragments of P V: 16 keys = two 8-column groups of S.
+  auto to_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      pf[4 * kk] = pack2<T>(s[8 * kk], s[8 * kk + 1]);
+      pf[4 * kk + 1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[4 * kk + 2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[4 * kk + 3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  auto release = [&](int stage) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[stage]);
+  };
+
+  if (n_live > 0) {
+    float alpha[2];
+    mbar_wait(&full[0], 0);
+    wgmma_fence();
+    s_gemm(0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
+    softmax(0, alpha);
+    to_p();
+    for (int c = 1; c < n_live; ++c) {
+      const int st = c % NS, prev = (c - 1) % NS;
+      mbar_wait(&full[st], (c / NS) & 1);
+      fence_regs(o);
+      fence_regs(pf);
+      wgmma_fence();
+      s_gemm(st);
+      wgmma_commit();
+      pv_gemm(prev);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_regs(s);
+      softmax(c, alpha);
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(pf);
+      release(prev);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[4 * i] *= alpha[0];
+        o[4 * i + 1] *= alpha[0];
+        o[4 * i + 2] *= alpha[1];
+        o[4 * i + 3] *= alpha[1];
+      }
+      to_p();
+    }
+    fence_regs(o);
+    fence_regs(pf);
+    wgmma_fence();
+    pv_gemm((n_live - 1) % NS);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(pf);
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    float l = l_run[h2];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int rr = row0 + r_lo + h2 * 8;
+    if (rr >= n_rows) continue;
+    T* dst = out + (i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<typename TypeTraits<T>::pair*>(dst + i * 8) =
+          TypeTraits<T>::from_float2(o[4 * i + 2 * h2] * inv, o[4 * i + 2 * h2 + 1] * inv);
+  }
+#endif
+}
+
+// ---- host side ----
+
+// Whether the Hopper kernel is allowed: MOBA_CUDA_WGMMA=0 keeps every GPU on the mma.sync kernel.
+inline bool sm90_prefill_enabled() {
+  const char* v = getenv("MOBA_CUDA_WGMMA");
+  return v == nullptr || strcmp(v, "0") != 0;
+}
+
+inline int device_major() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major;
+}
+
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// A K or V cache [N, P, HK, D] seen as [N * P slots, HK, D], boxes of `seg` slots x 1 head x 64.
+template <typename T>
+bool kv_tensor_map(CUtensorMap* map, const void* base, int64_t slots, int hk, int d, int64_t stride_s,
+                   int64_t stride_h, int seg) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const CUtensorMapDataType dt =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(hk), cuuint64_t(slots)};
+  cuuint64_t strides[2] = {cuuint64_t(stride_h) * sizeof(T), cuuint64_t(stride_s) * sizeof(T)};
+  cuuint32_t box[3] = {64, 1, cuuint32_t(seg)};
+  cuuint32_t elem[3] = {1, 1, 1};
+  return encode(map, dt, 3, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Launches the Hopper kernel where it applies (an SM90 device, head dim 64 or 128, power-of-two
+// pages, each cache's pages adjacent in memory); returns false to leave the call to the mma.sync
+// kernel.
+template <typename T, int D>
+bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
+  if constexpr (D != 64 && D != 128) {
+    return false;
+  } else {
+    using Cfg = Sm90Prefill<D>;
+    const int P = p.page_size, B = p.block_size;
+    if (!sm90_prefill_enabled() || device_major() != 9) return false;
+    if ((P & (P - 1)) != 0 || p.stride_kp != P * p.stride_ks || p.stride_vp != P * p.stride_vs) return false;
+    const int64_t slots = p.num_slots;
+    if (slots >= INT_MAX) return false;
+    const int seg = P < B ? P : B;
+    if (seg > Cfg::kBN || Cfg::kBN % seg != 0) return false;
+    CUtensorMap tk, tv;
+    if (!kv_tensor_map<T>(&tk, p.k, slots, p.num_kv_heads, D, p.stride_ks, p.stride_kh, seg) ||
+        !kv_tensor_map<T>(&tv, p.v, slots, p.num_kv_heads, D, p.stride_vs, p.stride_vh, seg))
+      return false;
+    constexpr size_t smem = Cfg::kSmemBytes;
+    if (cudaFuncSetAttribute(prefill_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
+        cudaSuccess)
+      return false;
+    const dim3 grid(p.num_tiles, p.num_kv_heads, (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM);
+    prefill_sm90_kernel<T, D><<<grid, Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots));
+    return true;
+  }
+}
+
+}  // namespace moba
