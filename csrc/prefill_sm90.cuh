@@ -33,7 +33,7 @@ template <int D>
 struct Sm90Prefill {
   static constexpr int kBM = 128;      // rows a CTA: 2 consumer warpgroups x 64
   static constexpr int kBN = 128;      // keys a stage
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;
   static constexpr int kThreads = 384;
   static constexpr uint32_t kQBytes = kBM * D * 2;
   static constexpr uint32_t kKvBytes = kBN * D * 2;  // one stage of K (or V)
@@ -44,7 +44,8 @@ struct Sm90Prefill {
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
     prefill_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_k,
-                        const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row) {
+                        const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row,
+                        const int n_rb) {
 #if MOBA_SM90
   using Cfg = Sm90Prefill<D>;
   using namespace sm90;
@@ -61,10 +62,14 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* empty = full + NS;
 
   const int tid = threadIdx.x;
-  const int i_t = blockIdx.x, i_hk = blockIdx.y;
+  // One-dimensional grid, row blocks fastest: the CTAs that share a tile's K/V run side by side
+  // and find it in L2.
+  const int i_rb = blockIdx.x % n_rb;
+  const int i_hk = (blockIdx.x / n_rb) % p.num_kv_heads;
+  const int i_t = blockIdx.x / (n_rb * p.num_kv_heads);
   const int G = p.group, B = p.block_size, P = p.page_size;
   const int n_tok = p.tile_len[i_t];
-  const int row0 = blockIdx.z * kBM;
+  const int row0 = i_rb * kBM;
   const int n_rows = n_tok * G;
   if (row0 >= n_rows) return;
   const int64_t i_req = p.tile_req[i_t];
@@ -100,26 +105,34 @@ __global__ void __launch_bounds__(384, 1)
     if (tid >= 32) return;
     const int lane = tid;
     const int n_seg = kBN / seg;
+    // Cache rows of this lane's runs of keys (at most one: seg >= 16 and kBN = 128), looked up
+    // one chunk ahead so that the list and block table reads wait beside the copies.
+    static_assert(kBN / 16 <= 32, "one run a lane");
+    auto lookup = [&](int c) {
+      const int k = c * kBN + lane * seg;
+      int row = oob_row;
+      if (lane < n_seg && c < n_live && k < n_keys) {
+        const int pos = key_pos(k);
+        // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
+        if (pos <= max_pos) row = bt[pos / P] * P + pos % P;
+      }
+      return row;
+    };
+    int row = lookup(0);
     for (int c = 0; c < n_live; ++c) {
       const int s = c % NS;
       mbar_wait(&empty[s], ((c / NS) & 1) ^ 1);
       if (lane == 0) mbar_arrive_expect_tx(&full[s], 2 * kKvBytes);
       __syncwarp();
-      for (int i = lane; i < n_seg; i += 32) {
-        const int k = c * kBN + i * seg;
-        int row = oob_row;
-        if (k < n_keys) {
-          const int pos = key_pos(k);
-          // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
-          if (pos <= max_pos) row = bt[pos / P] * P + pos % P;
-        }
+      if (lane < n_seg) {
 #pragma unroll
         for (int a = 0; a < NA; ++a) {
-          const uint32_t off = s * kKvBytes + a * kBN * 128 + i * seg * 128;
+          const uint32_t off = s * kKvBytes + a * kBN * 128 + lane * seg * 128;
           tma_load_3d(sK + off, &tmap_k, &full[s], a * 64, i_hk, row);
           tma_load_3d(sV + off, &tmap_v, &full[s], a * 64, i_hk, row);
         }
       }
+      row = lookup(c + 1);
     }
     return;
   }
@@ -229,12 +242,19 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) mbar_arrive(&empty[stage]);
   };
 
+  // Ping-pong: the two consumers take turns issuing their matrix work (named barriers 3 and 4), so
+  // that one's softmax runs while the other's products are on the tensor cores.
+  auto turn_wait = [&]() { bar_sync(3 + cw, 256); };
+  auto turn_pass = [&]() { bar_arrive(3 + (1 - cw), 256); };
   if (n_live > 0) {
     float alpha[2];
+    if (cw == 1) turn_pass();  // consumer 0 goes first
     mbar_wait(&full[0], 0);
+    turn_wait();
     wgmma_fence();
     s_gemm(0);
     wgmma_commit();
+    turn_pass();
     wgmma_wait<0>();
     fence_regs(s);
     softmax(0, alpha);
@@ -244,11 +264,13 @@ __global__ void __launch_bounds__(384, 1)
       mbar_wait(&full[st], (c / NS) & 1);
       fence_regs(o);
       fence_regs(pf);
+      turn_wait();
       wgmma_fence();
       s_gemm(st);
       wgmma_commit();
       pv_gemm(prev);
       wgmma_commit();
+      turn_pass();
       wgmma_wait<1>();
       fence_regs(s);
       softmax(c, alpha);
@@ -267,9 +289,11 @@ __global__ void __launch_bounds__(384, 1)
     }
     fence_regs(o);
     fence_regs(pf);
+    turn_wait();
     wgmma_fence();
     pv_gemm((n_live - 1) % NS);
     wgmma_commit();
+    turn_pass();
     wgmma_wait<0>();
     fence_regs(o);
     fence_regs(pf);
@@ -362,8 +386,11 @@ bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
     if (cudaFuncSetAttribute(prefill_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
         cudaSuccess)
       return false;
-    const dim3 grid(p.num_tiles, p.num_kv_heads, (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM);
-    prefill_sm90_kernel<T, D><<<grid, Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots));
+    const int n_rb = (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM;
+    const int64_t n_cta = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
+    if (n_cta >= INT_MAX) return false;
+    prefill_sm90_kernel<T, D><<<dim3(unsigned(n_cta)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots),
+                                                                                       n_rb);
     return true;
   }
 }

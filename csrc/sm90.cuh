@@ -87,6 +87,10 @@ MOBA_DEVICE void setmaxnreg_dec() {
 MOBA_DEVICE void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// Arrives at a named barrier without waiting for it.
+MOBA_DEVICE void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 
 MOBA_DEVICE void mbar_init(uint64_t* bar, int count) {
 #if MOBA_SM90
