@@ -3,14 +3,16 @@
 //
 // One CTA = 128 packed rows of one kernel tile x one KV head (row r: token r / G, query head r % G
 // of the group, as in prefill.cuh), 3 warpgroups:
-// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys 128 at a time and loads
-//   each 128-key chunk of K and V into a stage of shared memory with TMA, one box per run of
-//   `seg` = min(page, block) keys (such a run never leaves its page), 64 head-dim columns a box,
-//   128-byte swizzled; keys past the last query or the list read as zeros (out-of-range rows);
+// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys kBN (64) at a time and
+//   loads each chunk of K and V into a stage of shared memory with TMA (as many stages as fit),
+//   one box per run of `seg` = min(page, block, kBN) keys (such a run never leaves its page),
+//   64 head-dim columns a box, 128-byte swizzled; keys past the last query or the list read as
+//   zeros (out-of-range rows);
 // - warpgroups 1 and 2 (the consumers) own 64 rows each: S = Q K^T from shared memory, the online
 //   softmax in registers, O += P V with P from registers. S of chunk c is issued together with
 //   P V of chunk c - 1, and the softmax of chunk c runs while that P V is on the tensor cores.
 // Stages are handed over by mbarriers (full: bytes landed; empty: both consumers done with it).
+// The two consumers take turns issuing their products (ping-pong, named barriers 3 and 4).
 // Causal masking, the soft cap and the sliding window are applied as in prefill.cuh, only on
 // chunks that reach past the CTA's first query, hold padding, or under a window.
 #pragma once
@@ -29,25 +31,28 @@
 
 namespace moba {
 
-template <int D>
+// BN: keys a stage; as many stages as fit in shared memory beside Q (at most 8). At D 128, 128K,
+// page 16 on the H100: 64 keys x 6 stages 51.5 ms, 128 keys x 3 stages 53.6 ms.
+template <int D, int BN = 64>
 struct Sm90Prefill {
   static constexpr int kBM = 128;      // rows a CTA: 2 consumer warpgroups x 64
-  static constexpr int kBN = 128;      // keys a stage
-  static constexpr int kStages = 3;
+  static constexpr int kBN = BN;
   static constexpr int kThreads = 384;
   static constexpr uint32_t kQBytes = kBM * D * 2;
   static constexpr uint32_t kKvBytes = kBN * D * 2;  // one stage of K (or V)
+  static constexpr int kFit = int((227 * 1024 - 1024 - 128 - kQBytes) / (2 * kKvBytes));
+  static constexpr int kStages = kFit < 8 ? kFit : 8;
   // 1024 bytes of slack: the swizzled tiles start on a 1024-byte boundary.
   static constexpr size_t kSmemBytes = 1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * sizeof(uint64_t);
 };
 
-template <typename T, int D>
+template <typename T, int D, int BN>
 __global__ void __launch_bounds__(384, 1)
     prefill_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_k,
                         const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row,
                         const int n_rb) {
 #if MOBA_SM90
-  using Cfg = Sm90Prefill<D>;
+  using Cfg = Sm90Prefill<D, BN>;
   using namespace sm90;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, NS = Cfg::kStages;
   constexpr uint32_t kQBytes = Cfg::kQBytes, kKvBytes = Cfg::kKvBytes;
@@ -105,7 +110,7 @@ __global__ void __launch_bounds__(384, 1)
     if (tid >= 32) return;
     const int lane = tid;
     const int n_seg = kBN / seg;
-    // Cache rows of this lane's runs of keys (at most one: seg >= 16 and kBN = 128), looked up
+    // Cache rows of this lane's run of keys (at most one: seg >= 16 and kBN <= 512), looked up
     // one chunk ahead so that the list and block table reads wait beside the copies.
     static_assert(kBN / 16 <= 32, "one run a lane");
     auto lookup = [&](int c) {
@@ -362,6 +367,29 @@ bool kv_tensor_map(CUtensorMap* map, const void* base, int64_t slots, int hk, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+template <typename T, int D, int BN>
+bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = Sm90Prefill<D, BN>;
+  const int P = p.page_size, B = p.block_size;
+  const int64_t slots = p.num_slots;
+  // Keys a TMA box: a run within one page, one block and one stage (all powers of two).
+  const int seg = P < B ? (P < Cfg::kBN ? P : Cfg::kBN) : (B < Cfg::kBN ? B : Cfg::kBN);
+  CUtensorMap tk, tv;
+  if (!kv_tensor_map<T>(&tk, p.k, slots, p.num_kv_heads, D, p.stride_ks, p.stride_kh, seg) ||
+      !kv_tensor_map<T>(&tv, p.v, slots, p.num_kv_heads, D, p.stride_vs, p.stride_vh, seg))
+    return false;
+  constexpr size_t smem = Cfg::kSmemBytes;
+  if (cudaFuncSetAttribute(prefill_sm90_kernel<T, D, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(smem)) != cudaSuccess)
+    return false;
+  const int n_rb = (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t n_cta = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
+  if (n_cta >= INT_MAX) return false;
+  prefill_sm90_kernel<T, D, BN><<<dim3(unsigned(n_cta)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots),
+                                                                                        n_rb);
+  return true;
+}
+
 // Launches the Hopper kernel where it applies (an SM90 device, head dim 64 or 128, power-of-two
 // pages, each cache's pages adjacent in memory); returns false to leave the call to the mma.sync
 // kernel.
@@ -370,28 +398,11 @@ bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
   if constexpr (D != 64 && D != 128) {
     return false;
   } else {
-    using Cfg = Sm90Prefill<D>;
-    const int P = p.page_size, B = p.block_size;
+    const int P = p.page_size;
     if (!sm90_prefill_enabled() || device_major() != 9) return false;
     if ((P & (P - 1)) != 0 || p.stride_kp != P * p.stride_ks || p.stride_vp != P * p.stride_vs) return false;
-    const int64_t slots = p.num_slots;
-    if (slots >= INT_MAX) return false;
-    const int seg = P < B ? P : B;
-    if (seg > Cfg::kBN || Cfg::kBN % seg != 0) return false;
-    CUtensorMap tk, tv;
-    if (!kv_tensor_map<T>(&tk, p.k, slots, p.num_kv_heads, D, p.stride_ks, p.stride_kh, seg) ||
-        !kv_tensor_map<T>(&tv, p.v, slots, p.num_kv_heads, D, p.stride_vs, p.stride_vh, seg))
-      return false;
-    constexpr size_t smem = Cfg::kSmemBytes;
-    if (cudaFuncSetAttribute(prefill_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
-        cudaSuccess)
-      return false;
-    const int n_rb = (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM;
-    const int64_t n_cta = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
-    if (n_cta >= INT_MAX) return false;
-    prefill_sm90_kernel<T, D><<<dim3(unsigned(n_cta)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots),
-                                                                                       n_rb);
-    return true;
+    if (p.num_slots >= INT_MAX) return false;
+    return launch_prefill_sm90_bn<T, D, 64>(p, stream);
   }
 }
 
