@@ -330,6 +330,37 @@ inline bool sm90_prefill_enabled() {
   return v == nullptr || strcmp(v, "0") != 0;
 }
 
+// Whether this build holds the Hopper kernels' code: an extension built without sm_90a (say for
+// 8.0 alone, its PTX compiled for the H100 by the driver) has them empty. Asked once a process, on
+// the first launch that is not inside a CUDA graph capture.
+template <int Unused = 0>
+__global__ void sm90_probe_kernel(int* built) {
+#if MOBA_SM90
+  *built = 1;
+#else
+  *built = 0;
+#endif
+}
+
+inline bool sm90_kernels_built(cudaStream_t stream) {
+  static int built = -1;
+  if (built >= 0) return built == 1;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone)
+    return false;
+  int* flag = nullptr;
+  int host = 0;
+  if (cudaMalloc(&flag, sizeof(int)) != cudaSuccess) return false;
+  sm90_probe_kernel<<<1, 1, 0, stream>>>(flag);
+  // A launch error (no image for this device) is taken here, not left for the caller's check.
+  const bool ok = cudaGetLastError() == cudaSuccess &&
+                  cudaMemcpyAsync(&host, flag, sizeof(int), cudaMemcpyDeviceToHost, stream) == cudaSuccess &&
+                  cudaStreamSynchronize(stream) == cudaSuccess;
+  cudaFree(flag);
+  built = ok && host == 1 ? 1 : 0;
+  return built == 1;
+}
+
 inline int device_major() {
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
@@ -399,7 +430,7 @@ bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
     return false;
   } else {
     const int P = p.page_size;
-    if (!sm90_prefill_enabled() || device_major() != 9) return false;
+    if (!sm90_prefill_enabled() || device_major() != 9 || !sm90_kernels_built(stream)) return false;
     if ((P & (P - 1)) != 0 || p.stride_kp != P * p.stride_ks || p.stride_vp != P * p.stride_vs) return false;
     if (p.num_slots >= INT_MAX) return false;
     return launch_prefill_sm90_bn<T, D, 64>(p, stream);
