@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 
 import torch
 import triton
@@ -102,6 +103,8 @@ def main() -> None:
                                                     "e.g. 0,1")
     ap.add_argument("--rescale-at", default="8", help="log2 growth of a row's max before the unmasked steps "
                                                      "rescale (0: every step); repeat values to alternate, e.g. 0,8,0,8")
+    ap.add_argument("--cuda", default="", help="prefill: also time the CUDA kernels, e.g. wgmma,mma "
+                                               "(repeat names to alternate)")
     ap.add_argument("--decode-splits", default="4,8,16,32")
     ap.add_argument("--gate-block-m", default="64,128")
     ap.add_argument("--gate-block-j", default="32,64,128")
@@ -183,6 +186,18 @@ def main() -> None:
             except Exception as e:  # a config that does not fit (shared memory) is skipped
                 print(f"  block_n={bn} warps={w} stages={st} prefetch={pf} rescale_at={ra}: {type(e).__name__}: "
                       f"{str(e)[:200]}")
+        for kernel in [k for k in args.cuda.split(",") if k]:
+            # The CUDA prefill on the same step: the Hopper kernel (wgmma + TMA) or the mma.sync one.
+            from moba_backend.ops.prefill import cuda_impl
+            os.environ["MOBA_CUDA_WGMMA"] = {"wgmma": "1", "mma": "0"}[kernel]
+            fn = lambda: cuda_impl.sparse_prefill_fwd(q, kc, vc, plan.block_table, plan.prefill, sel, out,  # noqa: E731
+                                                      block_size=128, scale=128 ** -0.5,
+                                                      tokens_per_tile=plan.tokens_per_tile)
+            t = median_ms(args, fn)
+            out.fill_(float("nan"))
+            fn()
+            err = ((out.float() - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
+            print(f"  cuda {kernel}: {t:.3f} ms  x{t_dense / t:.2f} vs dense (rel diff to first {err:.1e})")
     if "decode" not in args.only:
         return
     q, kc, vc, plan, sel, layer = make_step(args.decode_len, 16, True)
