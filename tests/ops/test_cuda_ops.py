@@ -90,8 +90,9 @@ def test_cuda_prefill(case, dtype, prefill_kernel):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["d128_g4_p16_b128", "d128_g8_p32_b16", "d64_g16_p128_b128", "d128_g1_p16_b16"])
 def test_cuda_prefill_hopper_shapes(case, dtype, prefill_kernel):
-    """Shapes that reach the Hopper kernel's edges: several 128-key stages with a partial last
-    one, TMA boxes of 16/32/128 keys, 16 query heads a KV head, chunked prefill at odd offsets."""
+    """Shapes that reach the Hopper kernel's edges: many 64-key stages (more than it holds at
+    once) with a partial last one, TMA boxes of 16 and 64 keys (32 in the prefill cases above),
+    16 query heads a KV head, chunked prefill at odd offsets."""
     shapes = {
         "d128_g4_p16_b128": ([(333, 1111, False), (0, 129, False)], 16, 4, 128, 16, 128),
         "d128_g8_p32_b16": ([(517, 700, False)], 16, 2, 128, 32, 16),
