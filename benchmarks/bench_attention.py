@@ -45,13 +45,14 @@ _interpret_on_cpu()
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -1084,6 +1085,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="kernel implementations to run, e.g. triton,cuda (cuda rows read cuda(mode))")
     ap.add_argument("--page-size", default="16", help="KV page size(s), e.g. 16 or 16,64")
     ap.add_argument("--gate", default=None, help="moba_gate (default: the config default)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="moba_block_size (default: 128, or 32 with --tiny)")
+    ap.add_argument("--config", default=None,
+                    help="further config keys as JSON, e.g. '{\"moba_encoder_top_k_right\": 480}'")
     ap.add_argument("--structured", action="store_true",
                     help="q/k with locality (per-token selections overlap as in a model)")
     ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip the FlexAttention peer")
@@ -1109,6 +1114,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="also write the results as a Markdown table here")
     args = ap.parse_args(argv)
     shapes = TINY if args.tiny else FULL
+    try:
+        extra = json.loads(args.config) if args.config else {}
+    except json.JSONDecodeError as e:
+        ap.error(f"--config: not JSON ({e})")
+    if not isinstance(extra, dict):
+        ap.error(f"--config: expected a JSON object of config keys, got {args.config!r}")
+    for key in ("moba_block_size", "moba_query_tile", "moba_tile_select", "moba_gate"):
+        if key in extra:
+            ap.error(f"--config: set {key} with its own option, not --config")
+    shapes = replace(shapes, block=args.block_size or shapes.block, cfg={**shapes.cfg, **extra},
+                     check_cfg={**shapes.check_cfg, **extra})
+    try:
+        moba_config(shapes, "shared", args.gate or MobaConfig().moba_gate)
+    except ValueError as e:
+        ap.error(f"--block-size/--config: {e}")
+    args.shapes = shapes
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.impls = [m.strip() for m in args.impls.split(",") if m.strip()]
@@ -1144,7 +1165,7 @@ def main(argv=None) -> None:
         sys.exit("no CUDA device: run with --device cpu --tiny (Triton interpreter)")
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device cpu needs TRITON_INTERPRET=1 (set it before Python starts)")
-    shapes = TINY if args.tiny else FULL
+    shapes = args.shapes
     c = Ctx(args, shapes, dev, getattr(torch, args.dtype), Timer(dev, slow_ms=args.slow_ms, rep_ms=args.rep_ms))
     env = environment(dev)
     for line in env:
