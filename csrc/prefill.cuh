@@ -12,6 +12,7 @@
 
 #include "common.cuh"
 #include "params.h"
+#include "prefill_tile.cuh"
 #include "prefill_sm90.cuh"
 
 namespace moba {
@@ -55,33 +56,25 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int i_t = blockIdx.x, i_hk = blockIdx.y;
-  const int G = p.group, B = p.block_size, P = p.page_size;
-  const int n_tok = p.tile_len[i_t];
+  const int G = p.group, P = p.page_size;
   const int row0 = blockIdx.z * kBM;          // first tile row of this CTA
-  const int n_rows = n_tok * G;
-  if (row0 >= n_rows) return;
-  const int64_t i_req = p.tile_req[i_t];
-  const int64_t i_q0 = p.tile_q0[i_t];
-  const int pos0 = p.tile_pos0[i_t];
-  const int64_t i_row = p.tile_index[i_t];
-  const int* list = p.blocks + i_row * p.stride_lt + i_hk * p.stride_lh;
-  const int n_keys = p.nblocks[i_row * p.stride_nt + i_hk] * B;
-  const int n_chunks = (n_keys + kBN - 1) / kBN;
-  const int* bt = p.block_table + i_req * p.stride_bt;
-  const int min_pos = pos0 + row0 / G;
-  const int max_pos = pos0 + min(n_rows - 1, row0 + kBM - 1) / G;
+  PrefillTile t;
+  if (!prefill_tile(p, i_t, i_hk, row0, kBM, t)) return;
+  const int n_rows = t.n_rows, n_keys = t.n_keys, max_pos = t.max_pos;
+  const int n_live = t.live_chunks(kBN);
+  const int c_mask = t.first_masked_chunk(kBN, n_live);
   const T* k_base = static_cast<const T*>(p.k) + i_hk * p.stride_kh;
   const T* v_base = static_cast<const T*>(p.v) + i_hk * p.stride_vh;
   const T* q_base = static_cast<const T*>(p.q);
 
-  auto key_pos = [&](int k) { return list[k / B] * B + k % B; };
+  auto key_pos = [&](int k) { return t.key_pos(k); };
 
   // Q rows of this CTA (zeros past the tile).
   for (int v = tid; v < kBM * DC; v += kThreads) {
     const int r = v / DC, col = (v % DC) * 8;
     const int rr = row0 + r;
     const bool ok = rr < n_rows;
-    const int64_t tq = ok ? i_q0 + rr / G : 0;
+    const int64_t tq = ok ? t.i_q0 + rr / G : 0;
     const int h = i_hk * G + (ok ? rr % G : 0);
     cp_async16(sQ + r * kRow + col, q_base + tq * p.stride_qt + h * p.stride_qh + col, ok);
   }
@@ -100,7 +93,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
       // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
       pos = pos <= max_pos ? pos : INT_MAX;
       nx_pos[i] = pos;
-      nx_page[i] = pos != INT_MAX ? bt[pos / P] : 0;
+      nx_page[i] = pos != INT_MAX ? t.bt[pos / P] : 0;
     }
   };
   auto issue = [&](int stage) {
@@ -116,7 +109,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
       if (ld_col == 0) sPos[stage * kBN + r] = nx_pos[i];
     }
   };
-  auto chunk_live = [&](int c) { return c < n_chunks && key_pos(c * kBN) <= max_pos; };
+  auto chunk_live = [&](int c) { return c < n_live; };
 
   // Rows of this thread (mma C layout): per m-tile, lane / 4 and lane / 4 + 8 of the warp's slab.
   const int warp_row = warp * 16 * MT;
@@ -124,7 +117,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) qpos[mt][h2] = pos0 + (row0 + warp_row + mt * 16 + lane / 4 + h2 * 8) / G;
+    for (int h2 = 0; h2 < 2; ++h2) qpos[mt][h2] = t.pos0 + (row0 + warp_row + mt * 16 + lane / 4 + h2 * 8) / G;
 
   float o[MT][DT][4];
 #pragma unroll
@@ -201,8 +194,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
     }
 
     // Mask only chunks that reach past the CTA's first query, hold padding, or under a window.
-    const int last_k = min((c + 1) * kBN, n_keys) - 1;
-    const bool masked = p.window > 0 || (c + 1) * kBN > n_keys || key_pos(last_k) > min_pos;
+    const bool masked = p.window > 0 || c >= c_mask;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -287,7 +279,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const int rr = row0 + warp_row + mt * 16 + lane / 4 + h2 * 8;
       if (rr >= n_rows) continue;
-      T* dst = out + (i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
+      T* dst = out + (t.i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
 #pragma unroll
       for (int i = 0; i < DT; ++i)
         *reinterpret_cast<typename TypeTraits<T>::pair*>(dst + i * 8) =

@@ -27,6 +27,7 @@
 
 #include "common.cuh"
 #include "params.h"
+#include "prefill_tile.cuh"
 #include "sm90.cuh"
 
 namespace moba {
@@ -46,7 +47,10 @@ struct Sm90Prefill {
   static constexpr size_t kSmemBytes = 1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * sizeof(uint64_t);
 };
 
-template <typename T, int D, int BN>
+// MC: launched in clusters of two CTAs, row blocks 2j and 2j + 1 of one tile and KV head, which
+// read the same keys: each producer loads one of K and V into both CTAs (TMA multicast), halving
+// the L2 reads, and a stage is reloaded once the consumers of both CTAs are done with it.
+template <typename T, int D, int BN, bool MC>
 __global__ void __launch_bounds__(384, 1)
     prefill_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_k,
                         const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row,
@@ -72,73 +76,87 @@ __global__ void __launch_bounds__(384, 1)
   const int i_rb = blockIdx.x % n_rb;
   const int i_hk = (blockIdx.x / n_rb) % p.num_kv_heads;
   const int i_t = blockIdx.x / (n_rb * p.num_kv_heads);
-  const int G = p.group, B = p.block_size, P = p.page_size;
-  const int n_tok = p.tile_len[i_t];
+  const int G = p.group, P = p.page_size;
   const int row0 = i_rb * kBM;
-  const int n_rows = n_tok * G;
-  if (row0 >= n_rows) return;
-  const int64_t i_req = p.tile_req[i_t];
-  const int64_t i_q0 = p.tile_q0[i_t];
-  const int pos0 = p.tile_pos0[i_t];
-  const int64_t i_row = p.tile_index[i_t];
-  const int* list = p.blocks + i_row * p.stride_lt + i_hk * p.stride_lh;
-  const int n_keys = p.nblocks[i_row * p.stride_nt + i_hk] * B;
-  const int n_chunks = (n_keys + kBN - 1) / kBN;
-  const int* bt = p.block_table + i_req * p.stride_bt;
-  const int min_pos = pos0 + row0 / G;
-  const int max_pos = pos0 + min(n_rows - 1, row0 + kBM - 1) / G;
-  const int b_shift = __ffs(B) - 1;  // B is a power of two
-  auto key_pos = [&](int k) { return (list[k >> b_shift] << b_shift) + (k & (B - 1)); };
-  // Chunks that hold a key at or before the CTA's last query (lists are ascending).
-  int n_live = 0;
-  while (n_live < n_chunks && key_pos(n_live * kBN) <= max_pos) ++n_live;
+  // A cluster's CTAs walk the same chunks (up to the later one's last query), so a CTA with no
+  // rows of its own still runs beside its peer; a pair with no rows returns together.
+  const int pair_row0 = MC ? (i_rb & ~1) * kBM : row0;
+  PrefillTile t;
+  if (!prefill_tile(p, i_t, i_hk, pair_row0, MC ? 2 * kBM : kBM, t)) return;
+  t.min_pos = t.pos0 + row0 / G;  // this CTA's first query (for the mask)
+  const int n_rows = t.n_rows, n_keys = t.n_keys, max_pos = t.max_pos;
+  auto key_pos = [&](int k) { return t.key_pos(k); };
+  const int n_live = t.live_chunks(kBN);
+  const int c_mask = t.first_masked_chunk(kBN, n_live);
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+      mbar_init(&empty[s], MC ? 16 : 8);  // one arrival per consumer warp (of both CTAs)
     }
     mbar_init_fence();
   }
-  __syncthreads();
+  if constexpr (MC)
+    cluster_sync();  // the peer's copies and arrivals find the barriers initialised
+  else
+    __syncthreads();
 
   const int wg = tid / 128;
   if (wg == 0) {
     // Producer warpgroup: warp 0 issues the loads, the other three have nothing to do.
     setmaxnreg_dec<40>();
-    if (tid >= 32) return;
+    if (tid >= 32) {
+      if constexpr (MC) cluster_sync();
+      return;
+    }
     const int lane = tid;
+    const uint32_t rank = MC ? cluster_rank() : 0;  // MC: rank 0 loads K, rank 1 V
     const int n_seg = kBN / seg;
-    // Cache rows of this lane's run of keys (at most one: seg >= 16 and kBN <= 512), looked up
-    // one chunk ahead so that the list and block table reads wait beside the copies.
+    // Cache rows of the runs of keys, looked up a batch of `cpl` chunks at a time: lane l holds
+    // run l % n_seg of chunk c0 + l / n_seg and issues its copies. The next batch is looked up
+    // when a batch starts, so its list and block table reads wait beside `cpl` chunks of copies.
     static_assert(kBN / 16 <= 32, "one run a lane");
-    auto lookup = [&](int c) {
-      const int k = c * kBN + lane * seg;
+    const int cpl = 32 / n_seg;
+    auto lookup = [&](int c0) {
+      const int c = c0 + lane / n_seg;
+      const int k = c * kBN + (lane % n_seg) * seg;
       int row = oob_row;
-      if (lane < n_seg && c < n_live && k < n_keys) {
+      if (lane < cpl * n_seg && c < n_live && k < n_keys) {
         const int pos = key_pos(k);
         // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
-        if (pos <= max_pos) row = bt[pos / P] * P + pos % P;
+        if (pos <= max_pos) row = t.bt[pos / P] * P + pos % P;
       }
       return row;
     };
-    int row = lookup(0);
+    int row = lookup(0), row_next = lookup(cpl);
     for (int c = 0; c < n_live; ++c) {
       const int s = c % NS;
-      mbar_wait(&empty[s], ((c / NS) & 1) ^ 1);
+      const int i = c % cpl;
+      if (c > 0 && i == 0) {
+        row = row_next;
+        row_next = lookup(c + cpl);
+      }
+      mbar_wait<MC>(&empty[s], ((c / NS) & 1) ^ 1);
       if (lane == 0) mbar_arrive_expect_tx(&full[s], 2 * kKvBytes);
       __syncwarp();
-      if (lane < n_seg) {
+      if (lane / n_seg == i) {
 #pragma unroll
         for (int a = 0; a < NA; ++a) {
-          const uint32_t off = s * kKvBytes + a * kBN * 128 + lane * seg * 128;
-          tma_load_3d(sK + off, &tmap_k, &full[s], a * 64, i_hk, row);
-          tma_load_3d(sV + off, &tmap_v, &full[s], a * 64, i_hk, row);
+          const uint32_t off = s * kKvBytes + a * kBN * 128 + (lane % n_seg) * seg * 128;
+          if constexpr (MC) {
+            if (rank == 0)
+              tma_load_3d_multicast(sK + off, &tmap_k, &full[s], a * 64, i_hk, row, 0x3);
+            else
+              tma_load_3d_multicast(sV + off, &tmap_v, &full[s], a * 64, i_hk, row, 0x3);
+          } else {
+            tma_load_3d(sK + off, &tmap_k, &full[s], a * 64, i_hk, row);
+            tma_load_3d(sV + off, &tmap_v, &full[s], a * 64, i_hk, row);
+          }
         }
       }
-      row = lookup(c + 1);
     }
+    if constexpr (MC) cluster_sync();  // the peer's last arrivals have reached this CTA
     return;
   }
 
@@ -154,7 +172,7 @@ __global__ void __launch_bounds__(384, 1)
       const int r = 64 * cw + v / DC, col = (v % DC) * 8;
       const int rr = row0 + r;
       const bool ok = rr < n_rows;
-      const int64_t tq = ok ? i_q0 + rr / G : 0;
+      const int64_t tq = ok ? t.i_q0 + rr / G : 0;
       const int h = i_hk * G + (ok ? rr % G : 0);
       cp_async16(sQ + sw128_offset(r, col, kBM), q_base + tq * p.stride_qt + h * p.stride_qh + col, ok);
     }
@@ -165,7 +183,7 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   const int r_lo = 64 * cw + 16 * wi + lane / 4;  // this thread's rows: r_lo and r_lo + 8
-  const int qpos[2] = {pos0 + (row0 + r_lo) / G, pos0 + (row0 + r_lo + 8) / G};
+  const int qpos[2] = {t.pos0 + (row0 + r_lo) / G, t.pos0 + (row0 + r_lo + 8) / G};
   const uint32_t q_addr = smem_addr(sQ) + 64 * cw * 128;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
 
@@ -193,40 +211,46 @@ __global__ void __launch_bounds__(384, 1)
       Wgmma<D, T>::template rs<1>(o, a, db, 1);
     }
   };
-  // Logits of chunk c in the log2 domain, masked; the online softmax; exponentials left in s.
+  // The online softmax of chunk c in the log2 domain; exponentials left in s. Chunks that need
+  // no mask and no soft cap keep the raw products: their scale is folded into the exponent's
+  // multiply-add (and into the row max, the scale being positive).
   auto softmax = [&](int c, float (&alpha)[2]) {
-    const int last_k = min((c + 1) * kBN, n_keys) - 1;
-    const bool masked = p.window > 0 || (c + 1) * kBN > n_keys || key_pos(last_k) > min_pos;
+    const bool masked = p.window > 0 || c >= c_mask;
+    const bool plain = !masked && p.softcap <= 0.f && p.scale_log2 > 0.f;
+    if (!plain) {
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) {
+      for (int i = 0; i < kBN / 8; ++i) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = logit_log2(s[4 * i + e], p.scale_log2, p.softcap);
-        if (masked) {
-          const int k = c * kBN + 8 * i + 2 * (lane % 4) + (e & 1);
-          const int kp = k < n_keys ? key_pos(k) : INT_MAX;
-          const int qp = qpos[e >> 1];
-          const bool ok = kp <= qp && (p.window <= 0 || qp - kp < p.window);
-          x = ok ? x : -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          float x = logit_log2(s[4 * i + e], p.scale_log2, p.softcap);
+          if (masked) {
+            const int k = c * kBN + 8 * i + 2 * (lane % 4) + (e & 1);
+            const int kp = k < n_keys ? key_pos(k) : INT_MAX;
+            const int qp = qpos[e >> 1];
+            const bool ok = kp <= qp && (p.window <= 0 || qp - kp < p.window);
+            x = ok ? x : -INFINITY;
+          }
+          s[4 * i + e] = x;
         }
-        s[4 * i + e] = x;
       }
     }
+    const float sc = plain ? p.scale_log2 : 1.f;
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
-      float mx = m_run[h2];
+      float mx = -INFINITY;
 #pragma unroll
       for (int i = 0; i < kBN / 8; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * h2], s[4 * i + 2 * h2 + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m_run[h2], mx * sc);
       const float ms = mx == -INFINITY ? 0.f : mx;
       alpha[h2] = exp2f(m_run[h2] - ms);
       m_run[h2] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kBN / 8; ++i) {
-        s[4 * i + 2 * h2] = exp2f(s[4 * i + 2 * h2] - ms);
-        s[4 * i + 2 * h2 + 1] = exp2f(s[4 * i + 2 * h2 + 1] - ms);
+        s[4 * i + 2 * h2] = exp2f(fmaf(s[4 * i + 2 * h2], sc, -ms));
+        s[4 * i + 2 * h2 + 1] = exp2f(fmaf(s[4 * i + 2 * h2 + 1], sc, -ms));
         sum += s[4 * i + 2 * h2] + s[4 * i + 2 * h2 + 1];
       }
       l_run[h2] = l_run[h2] * alpha[h2] + sum;
@@ -244,7 +268,10 @@ __global__ void __launch_bounds__(384, 1)
   };
   auto release = [&](int stage) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[stage]);
+    if (lane == 0) {
+      mbar_arrive(&empty[stage]);
+      if constexpr (MC) mbar_arrive_cluster(&empty[stage], cluster_rank() ^ 1);
+    }
   };
 
   // Ping-pong: the two consumers take turns issuing their matrix work (named barriers 3 and 4), so
@@ -313,12 +340,13 @@ __global__ void __launch_bounds__(384, 1)
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int rr = row0 + r_lo + h2 * 8;
     if (rr >= n_rows) continue;
-    T* dst = out + (i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
+    T* dst = out + (t.i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
       *reinterpret_cast<typename TypeTraits<T>::pair*>(dst + i * 8) =
           TypeTraits<T>::from_float2(o[4 * i + 2 * h2] * inv, o[4 * i + 2 * h2 + 1] * inv);
   }
+  if constexpr (MC) cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 #endif
 }
 
@@ -398,6 +426,14 @@ bool kv_tensor_map(CUtensorMap* map, const void* base, int64_t slots, int hk, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Whether pairs of row blocks share their loads (TMA multicast in clusters of two):
+// MOBA_SM90_MULTICAST=1 turns it on. Off by default: slower on the H100 (128K, page 16: 47.9
+// against 37.9-40.8 ms), the CTAs of a cluster being scheduled together.
+inline bool sm90_multicast_enabled() {
+  const char* v = getenv("MOBA_SM90_MULTICAST");
+  return v != nullptr && strcmp(v, "1") == 0;
+}
+
 template <typename T, int D, int BN>
 bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
   using Cfg = Sm90Prefill<D, BN>;
@@ -409,15 +445,32 @@ bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
   if (!kv_tensor_map<T>(&tk, p.k, slots, p.num_kv_heads, D, p.stride_ks, p.stride_kh, seg) ||
       !kv_tensor_map<T>(&tv, p.v, slots, p.num_kv_heads, D, p.stride_vs, p.stride_vh, seg))
     return false;
-  constexpr size_t smem = Cfg::kSmemBytes;
-  if (cudaFuncSetAttribute(prefill_sm90_kernel<T, D, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(smem)) != cudaSuccess)
-    return false;
   const int n_rb = (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_cta = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
   if (n_cta >= INT_MAX) return false;
-  prefill_sm90_kernel<T, D, BN><<<dim3(unsigned(n_cta)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots),
-                                                                                        n_rb);
+  constexpr size_t smem = Cfg::kSmemBytes;
+  if (n_rb % 2 == 0 && sm90_multicast_enabled()) {
+    auto kernel = prefill_sm90_kernel<T, D, BN, true>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
+      return false;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(n_cta));
+    cfg.blockDim = dim3(Cfg::kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, p, tk, tv, seg, int(slots), n_rb) == cudaSuccess;
+  }
+  auto kernel = prefill_sm90_kernel<T, D, BN, false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
+    return false;
+  kernel<<<dim3(unsigned(n_cta)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots), n_rb);
   return true;
 }
 
