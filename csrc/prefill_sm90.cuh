@@ -1,20 +1,23 @@
 // Sparse paged prefill for Hopper (sm_90a): warpgroup matrix instructions (wgmma) fed by the tensor
 // memory accelerator (TMA), warp-specialised.
 //
-// One CTA = 128 packed rows of one kernel tile x one KV head (row r: token r / G, query head r % G
-// of the group, as in prefill.cuh), 3 warpgroups:
+// A work item = 128 packed rows of one kernel tile x one KV head (row r: token r / G, query head
+// r % G of the group, as in prefill.cuh), ordered row blocks fastest, then tiles, then KV heads.
+// A CTA takes one item, or with a persistent grid (MOBA_SM90_PERSISTENT=1) one CTA an SM takes
+// items in turn. A CTA has 3 warpgroups:
 // - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys kBN (64) at a time and
 //   loads each chunk of K and V into a stage of shared memory with TMA (as many stages as fit),
 //   one box per run of `seg` = min(page, block, kBN) keys (such a run never leaves its page),
 //   64 head-dim columns a box, 128-byte swizzled; keys past the last query or the list read as
-//   zeros (out-of-range rows);
+//   zeros (out-of-range rows); pages are looked up eight chunks at a time, ahead of the copies;
 // - warpgroups 1 and 2 (the consumers) own 64 rows each: S = Q K^T from shared memory, the online
 //   softmax in registers, O += P V with P from registers. S of chunk c is issued together with
 //   P V of chunk c - 1, and the softmax of chunk c runs while that P V is on the tensor cores.
 // Stages are handed over by mbarriers (full: bytes landed; empty: both consumers done with it).
 // The two consumers take turns issuing their products (ping-pong, named barriers 3 and 4).
 // Causal masking, the soft cap and the sliding window are applied as in prefill.cuh, only on
-// chunks that reach past the CTA's first query, hold padding, or under a window.
+// chunks that reach past the CTA's first query, hold padding, or under a window; the others fold
+// the softmax scale into the exponent.
 #pragma once
 
 #include <cuda.h>
@@ -23,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "common.cuh"
@@ -33,7 +37,8 @@
 namespace moba {
 
 // BN: keys a stage; as many stages as fit in shared memory beside Q (at most 8). At D 128, 128K,
-// page 16 on the H100: 64 keys x 6 stages 51.5 ms, 128 keys x 3 stages 53.6 ms.
+// page 16 on the H100 (before the batched lookups): 64 keys x 6 stages 51.5 ms, 128 keys x 3
+// stages 53.6 ms.
 template <int D, int BN = 64>
 struct Sm90Prefill {
   static constexpr int kBM = 128;      // rows a CTA: 2 consumer warpgroups x 64
@@ -47,14 +52,11 @@ struct Sm90Prefill {
   static constexpr size_t kSmemBytes = 1024 + kQBytes + 2 * kStages * kKvBytes + 2 * kStages * sizeof(uint64_t);
 };
 
-// MC: launched in clusters of two CTAs, row blocks 2j and 2j + 1 of one tile and KV head, which
-// read the same keys: each producer loads one of K and V into both CTAs (TMA multicast), halving
-// the L2 reads, and a stage is reloaded once the consumers of both CTAs are done with it.
-template <typename T, int D, int BN, bool MC>
+template <typename T, int D, int BN>
 __global__ void __launch_bounds__(384, 1)
     prefill_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_k,
                         const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row,
-                        const int n_rb) {
+                        const int n_rb, const int n_work) {
 #if MOBA_SM90
   using Cfg = Sm90Prefill<D, BN>;
   using namespace sm90;
@@ -71,92 +73,79 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* empty = full + NS;
 
   const int tid = threadIdx.x;
-  // One-dimensional grid, row blocks fastest: the CTAs that share a tile's K/V run side by side
-  // and find it in L2.
-  const int i_rb = blockIdx.x % n_rb;
-  const int i_hk = (blockIdx.x / n_rb) % p.num_kv_heads;
-  const int i_t = blockIdx.x / (n_rb * p.num_kv_heads);
   const int G = p.group, P = p.page_size;
-  const int row0 = i_rb * kBM;
-  // A cluster's CTAs walk the same chunks (up to the later one's last query), so a CTA with no
-  // rows of its own still runs beside its peer; a pair with no rows returns together.
-  const int pair_row0 = MC ? (i_rb & ~1) * kBM : row0;
-  PrefillTile t;
-  if (!prefill_tile(p, i_t, i_hk, pair_row0, MC ? 2 * kBM : kBM, t)) return;
-  t.min_pos = t.pos0 + row0 / G;  // this CTA's first query (for the mask)
-  const int n_rows = t.n_rows, n_keys = t.n_keys, max_pos = t.max_pos;
-  auto key_pos = [&](int k) { return t.key_pos(k); };
-  const int n_live = t.live_chunks(kBN);
-  const int c_mask = t.first_masked_chunk(kBN, n_live);
+  // Work item w: row block w % n_rb, tile (w / n_rb) % NT, KV head w / (n_rb NT); row blocks
+  // fastest, so that the CTAs that share a tile's K/V run side by side and find it in L2, and the
+  // CTAs in flight read one KV head's cache. A CTA takes items blockIdx.x, blockIdx.x + gridDim.x,
+  // ... (one, or with a persistent grid of one CTA an SM several: the producer then loads the
+  // next item's keys while the consumers finish the last one).
+  auto work = [&](int w, PrefillTile& t, int& row0, int& i_hk) {
+    const int i_t = (w / n_rb) % p.num_tiles;
+    i_hk = w / (n_rb * p.num_tiles);
+    row0 = (w % n_rb) * kBM;
+    return prefill_tile(p, i_t, i_hk, row0, kBM, t);
+  };
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], MC ? 16 : 8);  // one arrival per consumer warp (of both CTAs)
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     mbar_init_fence();
   }
-  if constexpr (MC)
-    cluster_sync();  // the peer's copies and arrivals find the barriers initialised
-  else
-    __syncthreads();
+  __syncthreads();
 
   const int wg = tid / 128;
   if (wg == 0) {
     // Producer warpgroup: warp 0 issues the loads, the other three have nothing to do.
     setmaxnreg_dec<40>();
-    if (tid >= 32) {
-      if constexpr (MC) cluster_sync();
-      return;
-    }
+    if (tid >= 32) return;
     const int lane = tid;
-    const uint32_t rank = MC ? cluster_rank() : 0;  // MC: rank 0 loads K, rank 1 V
     const int n_seg = kBN / seg;
-    // Cache rows of the runs of keys, looked up a batch of `cpl` chunks at a time: lane l holds
-    // run l % n_seg of chunk c0 + l / n_seg and issues its copies. The next batch is looked up
-    // when a batch starts, so its list and block table reads wait beside `cpl` chunks of copies.
     static_assert(kBN / 16 <= 32, "one run a lane");
     const int cpl = 32 / n_seg;
-    auto lookup = [&](int c0) {
-      const int c = c0 + lane / n_seg;
-      const int k = c * kBN + (lane % n_seg) * seg;
-      int row = oob_row;
-      if (lane < cpl * n_seg && c < n_live && k < n_keys) {
-        const int pos = key_pos(k);
-        // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
-        if (pos <= max_pos) row = t.bt[pos / P] * P + pos % P;
-      }
-      return row;
-    };
-    int row = lookup(0), row_next = lookup(cpl);
-    for (int c = 0; c < n_live; ++c) {
-      const int s = c % NS;
-      const int i = c % cpl;
-      if (c > 0 && i == 0) {
-        row = row_next;
-        row_next = lookup(c + cpl);
-      }
-      mbar_wait<MC>(&empty[s], ((c / NS) & 1) ^ 1);
-      if (lane == 0) mbar_arrive_expect_tx(&full[s], 2 * kKvBytes);
-      __syncwarp();
-      if (lane / n_seg == i) {
+    int g = 0;  // chunks loaded so far: chunk g goes to stage g % NS
+    for (int w = blockIdx.x; w < n_work; w += gridDim.x) {
+      PrefillTile t;
+      int row0, i_hk;
+      if (!work(w, t, row0, i_hk)) continue;
+      const int n_live = t.live_chunks(kBN);
+      // Cache rows of the runs of keys, looked up a batch of `cpl` chunks at a time: lane l holds
+      // run l % n_seg of chunk c0 + l / n_seg and issues its copies. The next batch is looked up
+      // when a batch starts, so its list and block table reads wait beside `cpl` chunks of copies.
+      auto lookup = [&](int c0) {
+        const int c = c0 + lane / n_seg;
+        const int k = c * kBN + (lane % n_seg) * seg;
+        int row = oob_row;
+        if (c < n_live && k < t.n_keys) {
+          const int pos = t.key_pos(k);
+          // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
+          if (pos <= t.max_pos) row = t.bt[pos / P] * P + pos % P;
+        }
+        return row;
+      };
+      int row = lookup(0), row_next = lookup(cpl);
+      for (int c = 0; c < n_live; ++c, ++g) {
+        const int s = g % NS;
+        const int i = c % cpl;
+        if (c > 0 && i == 0) {
+          row = row_next;
+          row_next = lookup(c + cpl);
+        }
+        mbar_wait(&empty[s], ((g / NS) & 1) ^ 1);
+        if (lane == 0) mbar_arrive_expect_tx(&full[s], 2 * kKvBytes);
+        __syncwarp();
+        if (lane / n_seg == i) {
 #pragma unroll
-        for (int a = 0; a < NA; ++a) {
-          const uint32_t off = s * kKvBytes + a * kBN * 128 + (lane % n_seg) * seg * 128;
-          if constexpr (MC) {
-            if (rank == 0)
-              tma_load_3d_multicast(sK + off, &tmap_k, &full[s], a * 64, i_hk, row, 0x3);
-            else
-              tma_load_3d_multicast(sV + off, &tmap_v, &full[s], a * 64, i_hk, row, 0x3);
-          } else {
+          for (int a = 0; a < NA; ++a) {
+            const uint32_t off = s * kKvBytes + a * kBN * 128 + (lane % n_seg) * seg * 128;
             tma_load_3d(sK + off, &tmap_k, &full[s], a * 64, i_hk, row);
             tma_load_3d(sV + off, &tmap_v, &full[s], a * 64, i_hk, row);
           }
         }
       }
     }
-    if constexpr (MC) cluster_sync();  // the peer's last arrivals have reached this CTA
     return;
   }
 
@@ -165,34 +154,20 @@ __global__ void __launch_bounds__(384, 1)
   const int cw = wg - 1;                 // consumer 0 or 1: CTA rows [64 cw, 64 cw + 64)
   const int ct = tid - 128 * wg;
   const int wi = ct / 32, lane = ct % 32;
-  {
-    const T* q_base = static_cast<const T*>(p.q);
-    constexpr int DC = D / 8;
-    for (int v = ct; v < 64 * DC; v += 128) {
-      const int r = 64 * cw + v / DC, col = (v % DC) * 8;
-      const int rr = row0 + r;
-      const bool ok = rr < n_rows;
-      const int64_t tq = ok ? t.i_q0 + rr / G : 0;
-      const int h = i_hk * G + (ok ? rr % G : 0);
-      cp_async16(sQ + sw128_offset(r, col, kBM), q_base + tq * p.stride_qt + h * p.stride_qh + col, ok);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    bar_sync(1 + cw, 128);
-  }
-
   const int r_lo = 64 * cw + 16 * wi + lane / 4;  // this thread's rows: r_lo and r_lo + 8
-  const int qpos[2] = {t.pos0 + (row0 + r_lo) / G, t.pos0 + (row0 + r_lo + 8) / G};
   const uint32_t q_addr = smem_addr(sQ) + 64 * cw * 128;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
 
+  // The current item (set at the top of the loop below, read by the lambdas).
+  PrefillTile t;
+  int row0 = 0, i_hk = 0, n_keys = 0, c_mask = 0;
+  int qpos[2];
+  auto key_pos = [&](int k) { return t.key_pos(k); };
+
   float o[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float s[kBN / 2];
   uint32_t pf[kBN / 4];
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float m_run[2], l_run[2];
 
   auto s_gemm = [&](int stage) {
 #pragma unroll
@@ -268,85 +243,117 @@ __global__ void __launch_bounds__(384, 1)
   };
   auto release = [&](int stage) {
     __syncwarp();
-    if (lane == 0) {
-      mbar_arrive(&empty[stage]);
-      if constexpr (MC) mbar_arrive_cluster(&empty[stage], cluster_rank() ^ 1);
-    }
+    if (lane == 0) mbar_arrive(&empty[stage]);
   };
 
   // Ping-pong: the two consumers take turns issuing their matrix work (named barriers 3 and 4), so
   // that one's softmax runs while the other's products are on the tensor cores.
   auto turn_wait = [&]() { bar_sync(3 + cw, 256); };
   auto turn_pass = [&]() { bar_arrive(3 + (1 - cw), 256); };
-  if (n_live > 0) {
-    float alpha[2];
-    if (cw == 1) turn_pass();  // consumer 0 goes first
-    mbar_wait(&full[0], 0);
-    turn_wait();
-    wgmma_fence();
-    s_gemm(0);
-    wgmma_commit();
-    turn_pass();
-    wgmma_wait<0>();
-    fence_regs(s);
-    softmax(0, alpha);
-    to_p();
-    for (int c = 1; c < n_live; ++c) {
-      const int st = c % NS, prev = (c - 1) % NS;
-      mbar_wait(&full[st], (c / NS) & 1);
+  if (cw == 1) turn_pass();  // consumer 0 goes first
+  int g = 0;  // chunks consumed so far: chunk g lies in stage g % NS
+  for (int w = blockIdx.x; w < n_work; w += gridDim.x) {
+    if (!work(w, t, row0, i_hk)) continue;
+    n_keys = t.n_keys;
+    const int n_live = t.live_chunks(kBN);
+    c_mask = t.first_masked_chunk(kBN, n_live);
+    const int n_rows = t.n_rows;
+    {
+      // This warpgroup's 64 Q rows (zeros past the tile), once its last item no longer reads them.
+      bar_sync(1 + cw, 128);
+      const T* q_base = static_cast<const T*>(p.q);
+      constexpr int DC = D / 8;
+      for (int v = ct; v < 64 * DC; v += 128) {
+        const int r = 64 * cw + v / DC, col = (v % DC) * 8;
+        const int rr = row0 + r;
+        const bool ok = rr < n_rows;
+        const int64_t tq = ok ? t.i_q0 + rr / G : 0;
+        const int h = i_hk * G + (ok ? rr % G : 0);
+        cp_async16(sQ + sw128_offset(r, col, kBM), q_base + tq * p.stride_qt + h * p.stride_qh + col, ok);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      bar_sync(1 + cw, 128);
+    }
+    qpos[0] = t.pos0 + (row0 + r_lo) / G;
+    qpos[1] = t.pos0 + (row0 + r_lo + 8) / G;
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    m_run[0] = m_run[1] = -INFINITY;
+    l_run[0] = l_run[1] = 0.f;
+
+    if (n_live > 0) {
+      float alpha[2];
+      mbar_wait(&full[g % NS], (g / NS) & 1);
+      turn_wait();
+      wgmma_fence();
+      s_gemm(g % NS);
+      wgmma_commit();
+      turn_pass();
+      wgmma_wait<0>();
+      fence_regs(s);
+      softmax(0, alpha);
+      to_p();
+      for (int c = 1; c < n_live; ++c) {
+        const int st = (g + c) % NS, prev = (g + c - 1) % NS;
+        mbar_wait(&full[st], ((g + c) / NS) & 1);
+        fence_regs(o);
+        fence_regs(pf);
+        turn_wait();
+        wgmma_fence();
+        s_gemm(st);
+        wgmma_commit();
+        pv_gemm(prev);
+        wgmma_commit();
+        turn_pass();
+        wgmma_wait<1>();
+        fence_regs(s);
+        softmax(c, alpha);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pf);
+        release(prev);
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[4 * i] *= alpha[0];
+          o[4 * i + 1] *= alpha[0];
+          o[4 * i + 2] *= alpha[1];
+          o[4 * i + 3] *= alpha[1];
+        }
+        to_p();
+      }
+      const int last = (g + n_live - 1) % NS;
       fence_regs(o);
       fence_regs(pf);
       turn_wait();
       wgmma_fence();
-      s_gemm(st);
-      wgmma_commit();
-      pv_gemm(prev);
+      pv_gemm(last);
       wgmma_commit();
       turn_pass();
-      wgmma_wait<1>();
-      fence_regs(s);
-      softmax(c, alpha);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(pf);
-      release(prev);
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[4 * i] *= alpha[0];
-        o[4 * i + 1] *= alpha[0];
-        o[4 * i + 2] *= alpha[1];
-        o[4 * i + 3] *= alpha[1];
-      }
-      to_p();
+      release(last);
     }
-    fence_regs(o);
-    fence_regs(pf);
-    turn_wait();
-    wgmma_fence();
-    pv_gemm((n_live - 1) % NS);
-    wgmma_commit();
-    turn_pass();
-    wgmma_wait<0>();
-    fence_regs(o);
-    fence_regs(pf);
-  }
+    g += n_live;
 
-  T* out = static_cast<T*>(p.out);
+    T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    float l = l_run[h2];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int rr = row0 + r_lo + h2 * 8;
-    if (rr >= n_rows) continue;
-    T* dst = out + (t.i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
+    for (int h2 = 0; h2 < 2; ++h2) {
+      float l = l_run[h2];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int rr = row0 + r_lo + h2 * 8;
+      if (rr >= n_rows) continue;
+      T* dst = out + (t.i_q0 + rr / G) * p.stride_ot + (i_hk * G + rr % G) * p.stride_oh + 2 * (lane % 4);
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<typename TypeTraits<T>::pair*>(dst + i * 8) =
-          TypeTraits<T>::from_float2(o[4 * i + 2 * h2] * inv, o[4 * i + 2 * h2 + 1] * inv);
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<typename TypeTraits<T>::pair*>(dst + i * 8) =
+            TypeTraits<T>::from_float2(o[4 * i + 2 * h2] * inv, o[4 * i + 2 * h2 + 1] * inv);
+    }
   }
-  if constexpr (MC) cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 #endif
 }
 
@@ -426,11 +433,12 @@ bool kv_tensor_map(CUtensorMap* map, const void* base, int64_t slots, int hk, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Whether pairs of row blocks share their loads (TMA multicast in clusters of two):
-// MOBA_SM90_MULTICAST=1 turns it on. Off by default: slower on the H100 (128K, page 16: 47.9
-// against 37.9-40.8 ms), the CTAs of a cluster being scheduled together.
-inline bool sm90_multicast_enabled() {
-  const char* v = getenv("MOBA_SM90_MULTICAST");
+// Whether the grid is persistent (one CTA an SM looping over the work items), with
+// MOBA_SM90_PERSISTENT=1; by default one CTA an item. On the H100 (128K, page 16) neither is
+// faster beyond the noise between runs: five alternating rounds gave medians of 37.9 ms (one an
+// item) and 37.4 ms (persistent), another call 36.6 against 41.9.
+inline bool sm90_persistent_enabled() {
+  const char* v = getenv("MOBA_SM90_PERSISTENT");
   return v != nullptr && strcmp(v, "1") == 0;
 }
 
@@ -446,31 +454,19 @@ bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
       !kv_tensor_map<T>(&tv, p.v, slots, p.num_kv_heads, D, p.stride_vs, p.stride_vh, seg))
     return false;
   const int n_rb = (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM;
-  const int64_t n_cta = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
-  if (n_cta >= INT_MAX) return false;
+  const int64_t n_work = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
+  if (n_work >= INT_MAX) return false;
+  if (n_work == 0) return true;
   constexpr size_t smem = Cfg::kSmemBytes;
-  if (n_rb % 2 == 0 && sm90_multicast_enabled()) {
-    auto kernel = prefill_sm90_kernel<T, D, BN, true>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
-      return false;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(unsigned(n_cta));
-    cfg.blockDim = dim3(Cfg::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, p, tk, tv, seg, int(slots), n_rb) == cudaSuccess;
-  }
-  auto kernel = prefill_sm90_kernel<T, D, BN, false>;
+  const bool persistent = sm90_persistent_enabled();
+  int n_sm = 0, dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+  auto kernel = prefill_sm90_kernel<T, D, BN>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
     return false;
-  kernel<<<dim3(unsigned(n_cta)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots), n_rb);
+  const int64_t grid = persistent && n_sm > 0 ? std::min<int64_t>(n_work, n_sm) : n_work;
+  kernel<<<dim3(unsigned(grid)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots), n_rb, int(n_work));
   return true;
 }
 

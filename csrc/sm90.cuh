@@ -113,26 +113,16 @@ MOBA_DEVICE void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
                : "memory");
 #endif
 }
-// Waits until the barrier's phase with this parity has completed; CLUSTER: acquires what the
-// arrivals of other CTAs of the cluster released.
-template <bool CLUSTER = false>
+// Waits until the barrier's phase with this parity has completed.
 MOBA_DEVICE void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if MOBA_SM90
   uint32_t done = 0;
   do {
-    if constexpr (CLUSTER)
-      asm volatile(
-          "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(smem_addr(bar)), "r"(parity)
-          : "memory");
-    else
-      asm volatile(
-          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(smem_addr(bar)), "r"(parity)
-          : "memory");
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
   } while (!done);
 #endif
 }
@@ -144,46 +134,6 @@ MOBA_DEVICE void tma_load_3d(void* smem_dst, const CUtensorMap* map, uint64_t* b
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
       ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
-      : "memory");
-#endif
-}
-
-// ---- clusters (TMA multicast between the CTAs of a cluster) ----
-
-// This CTA's rank in its cluster.
-MOBA_DEVICE uint32_t cluster_rank() {
-  uint32_t r = 0;
-#if MOBA_SM90
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-// Every thread of every CTA of the cluster (all lanes of a warp together): shared-memory state
-// made before it (barrier inits) is visible cluster-wide after it.
-MOBA_DEVICE void cluster_sync() {
-#if MOBA_SM90
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-// Arrives at the barrier at the same shared-memory offset in the cluster's CTA `rank`.
-MOBA_DEVICE void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-#if MOBA_SM90
-  asm volatile(
-      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n"
-      ::"r"(smem_addr(bar)), "r"(rank)
-      : "memory");
-#endif
-}
-// tma_load_3d into the same shared-memory offset of every CTA in `mask` (bit i: cluster rank i),
-// completing the bytes on the barrier at the same offset in each.
-MOBA_DEVICE void tma_load_3d_multicast(void* smem_dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
-                                       uint16_t mask) {
-#if MOBA_SM90
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4, %5}], [%2], %6;\n"
-      ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2),
-      "h"(mask)
       : "memory");
 #endif
 }
