@@ -14,8 +14,9 @@ offline from a haystack of English essays:
   prompt once per token);
 - RULER-style tasks (multi-key needles with distractors, variable tracking, common words),
   scored by teacher-forced argmax accuracy over the answer tokens.
-Gates: `mean`, `max`, `minmax`, `learned` (weights from `moba-distill`) and `oracle` (the true
-max-pooled dense attention per block: the best any gate could select).
+Gates: `mean`, `max`, `minmax`, `learned` (weights from `moba-distill`), `oracle` (the true
+max-pooled dense attention per block: what the distiller's default target ranks by) and
+`oracle-sum` (the dense attention mass per block: the selection of the highest recall).
 
     moba-eval --quick                 # about a minute: 512 tokens, block 32
     moba-eval                         # the default sweep (README "Choosing the defaults")
@@ -47,7 +48,9 @@ from moba_backend.trainer.distill import TRAIN_FRACTION, default_haystack, read_
 
 logger = logging.getLogger("moba-eval")
 
-GATES = ("mean", "max", "minmax", "learned", "oracle")
+GATES = ("mean", "max", "minmax", "learned", "oracle", "oracle-sum")
+DEFAULT_GATES = GATES[:5]
+ORACLES = {"oracle": "max", "oracle-sum": "sum"}
 MODES = ("token", "union", "shared")
 
 
@@ -239,14 +242,17 @@ def score_case(model, case: Case) -> dict:
             "exact": bool(hit.all()), "n": int(tgt.numel())}
 
 
-def oracle_scorer(layer_idx, q, k, plan, params):
-    """Raw scores whose order is the max-pooled dense attention per block, and whose softmax at
-    the attention scale (`shared` mode) is that pooled attention renormalized over candidates."""
-    pos = plan.token_pos.long()
-    pooled = moba_tf.block_attention_mass(q, k, pos, params.block_size, params.scale, reduce="max")
-    nbv = max(plan.num_visible_blocks, 1)
-    pooled = torch.nn.functional.pad(pooled, (0, max(0, nbv - pooled.shape[-1])))[..., :nbv]
-    return torch.log(pooled.clamp_min(1e-30)) / params.scale
+def oracle_scorer(reduce: str):
+    """A scorer of raw scores whose order is the dense attention pooled per block (`reduce`: `max`
+    or `sum`), and whose softmax at the attention scale (`shared` mode) is that pooled attention
+    renormalized over candidates."""
+    def score(layer_idx, q, k, plan, params):
+        pos = plan.token_pos.long()
+        pooled = moba_tf.block_attention_mass(q, k, pos, params.block_size, params.scale, reduce=reduce)
+        nbv = max(plan.num_visible_blocks, 1)
+        pooled = torch.nn.functional.pad(pooled, (0, max(0, nbv - pooled.shape[-1])))[..., :nbv]
+        return torch.log(pooled.clamp_min(1e-30)) / params.scale
+    return score
 
 
 @dataclass
@@ -265,7 +271,7 @@ def moba_cfg(block_size: int, blocks: int, gate: str, mode: str, query_tile: int
     return MobaConfig(moba_block_size=block_size, moba_query_tile=query_tile,
                       moba_encoder_top_k_left=1, moba_encoder_top_k_right=blocks,
                       moba_decoder_top_k_left=1, moba_decoder_top_k_right=max(blocks, sink + local + 1),
-                      moba_gate="mean" if gate == "oracle" else gate, moba_tile_select=mode,
+                      moba_gate="mean" if gate in ORACLES else gate, moba_tile_select=mode,
                       moba_sink_blocks=sink, moba_local_blocks=local, moba_dense_layers=dense_layers)
 
 
@@ -283,7 +289,7 @@ def evaluate(model, cases: list[Case], gate: str, mode: str, blocks: int | None,
                    args.sink_blocks, tuple(args.dense_layers))
     state = moba_tf.configure(model, cfg, gate_weights=gate_weights if gate == "learned" else None,
                               impl="torch", attend="gather",
-                              scorer=oracle_scorer if gate == "oracle" else None)
+                              scorer=oracle_scorer(ORACLES[gate]) if gate in ORACLES else None)
     for c in cases:
         first_ppl = c.task == "ppl" and c is next(x for x in cases if x.task == "ppl")
         heat_case = c.name == heat.get("case")
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--main-blocks", type=int, help="block count for the full gate x mode grid")
     ap.add_argument("--block-size", type=int)
     ap.add_argument("--query-tile", type=int, default=128)
-    ap.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
+    ap.add_argument("--gates", nargs="+", choices=GATES, default=list(DEFAULT_GATES))
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--sweep-modes", nargs="+", choices=MODES, default=["token"],
                     help="tile modes that also run the block-count sweep")

@@ -107,3 +107,23 @@ def test_harness_quick(tmp_path, device):
     assert all(0.0 <= r["sparsity"] < 1.0 for r in rows) and any(r["sparsity"] > 0.3 for r in rows)
     assert all(0.0 <= r["recall"] <= 1.0 + 1e-6 for r in rows)
     assert (out / "quality.md").is_file()
+
+
+def test_harness_oracle_sum(tmp_path):
+    """`oracle-sum` ranks blocks by their dense attention mass: a row at the same budget (and so
+    the same sparsity) as the max-pooled `oracle`; in `token` mode it takes, per query head and
+    token, the blocks of the most mass, so no gate has more recall at that budget."""
+    from moba_backend.quality import main
+
+    model = tiny_llama(max_positions=1024)
+    model.save_pretrained(tmp_path / "tiny")
+    data = tmp_path / "hay.json"
+    data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 400}))
+    out = tmp_path / "q"
+    assert main(["--quick", "--model", str(tmp_path / "tiny"), "--data", str(data), "--out", str(out),
+                 "--threads", "1", "--gates", "mean", "oracle", "oracle-sum", "--modes", "token",
+                 "--no-ruler"]) == 0
+    rows = {r["gate"]: r for r in json.loads((out / "quality.json").read_text())["rows"]}
+    assert rows["oracle-sum"]["sparsity"] == pytest.approx(rows["oracle"]["sparsity"])
+    assert rows["oracle-sum"]["sparsity"] > 0.3
+    assert rows["oracle-sum"]["recall"] >= max(rows["mean"]["recall"], rows["oracle"]["recall"]) - 1e-6
