@@ -109,7 +109,6 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
       if (ld_col == 0) sPos[stage * kBN + r] = nx_pos[i];
     }
   };
-  auto chunk_live = [&](int c) { return c < n_live; };
 
   // Rows of this thread (mma C layout): per m-tile, lane / 4 and lane / 4 + 8 of the warp's slab.
   const int warp_row = warp * 16 * MT;
@@ -132,7 +131,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
   // Pipeline: chunks c + 1 .. c + NS - 1 are in flight while chunk c is computed.
 #pragma unroll
   for (int c = 0; c < NS - 1; ++c) {
-    if (chunk_live(c)) {
+    if (c < n_live) {
       fetch(c);
       issue(c);
     }
@@ -142,7 +141,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
   // ldmatrix A operand: matrix m = lane / 8 covers rows (m % 2) * 8, cols (m / 2) * 8.
   const T* q_frag_base = sQ + (warp_row + (lane % 8) + ((lane / 8) % 2) * 8) * kRow + (lane / 16) * 8;
 
-  for (int c = 0; chunk_live(c); ++c) {
+  for (int c = 0; c < n_live; ++c) {
     cp_async_wait<NS - 2>();
     __syncthreads();
     if constexpr (Cfg::kQRegs) {
@@ -154,7 +153,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
       }
     }
     const int stage = c % NS;
-    if (chunk_live(c + NS - 1)) issue((c + NS - 1) % NS);
+    if (c + NS - 1 < n_live) issue((c + NS - 1) % NS);
     cp_async_commit();
     fetch(c + NS);
 

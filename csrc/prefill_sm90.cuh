@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(384, 1)
   using Cfg = Sm90Prefill<D, BN>;
   using namespace sm90;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, NS = Cfg::kStages;
+  static_assert(NS >= 2, "two stages of K and V must fit beside Q");
   constexpr uint32_t kQBytes = Cfg::kQBytes, kKvBytes = Cfg::kKvBytes;
   constexpr int NA = D / 64;  // 64-column atoms of a row
 
@@ -178,12 +179,19 @@ __global__ void __launch_bounds__(384, 1)
       Wgmma<kBN, T>::template ss<0>(s, da, db, kk > 0);
     }
   };
+  // O += P V, at most 128 columns of O an instruction (head dim 256: two halves, each two
+  // 64-column atoms of V).
+  constexpr int NV = D < 128 ? D : 128;
   auto pv_gemm = [&](int stage) {
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       const uint32_t a[4] = {pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3]};
-      const uint64_t db = desc_sw128(v_addr + stage * kKvBytes + kk * 16 * 128, kBN * 128, 1024);
-      Wgmma<D, T>::template rs<1>(o, a, db, 1);
+#pragma unroll
+      for (int h = 0; h < D / NV; ++h) {
+        const uint32_t off = h * (NV / 64) * kBN * 128 + kk * 16 * 128;
+        const uint64_t db = desc_sw128(v_addr + stage * kKvBytes + off, kBN * 128, 1024);
+        Wgmma<NV, T>::template rs<1>(*reinterpret_cast<float(*)[NV / 2]>(o + h * (NV / 2)), a, db, 1);
+      }
     }
   };
   // The online softmax of chunk c in the log2 domain; exponentials left in s. Chunks that need
@@ -459,9 +467,12 @@ bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
   if (n_work == 0) return true;
   constexpr size_t smem = Cfg::kSmemBytes;
   const bool persistent = sm90_persistent_enabled();
-  int n_sm = 0, dev = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+  int n_sm = 0;
+  if (persistent) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+  }
   auto kernel = prefill_sm90_kernel<T, D, BN>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
     return false;
@@ -470,12 +481,12 @@ bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Launches the Hopper kernel where it applies (an SM90 device, head dim 64 or 128, power-of-two
+// Launches the Hopper kernel where it applies (an SM90 device, head dim 64, 128 or 256, power-of-two
 // pages, each cache's pages adjacent in memory); returns false to leave the call to the mma.sync
 // kernel.
 template <typename T, int D>
 bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
-  if constexpr (D != 64 && D != 128) {
+  if constexpr (D != 64 && D != 128 && D != 256) {
     return false;
   } else {
     const int P = p.page_size;
