@@ -5,7 +5,7 @@
 // r % G of the group, as in prefill.cuh), ordered row blocks fastest, then tiles, then KV heads.
 // A CTA takes one item, or with a persistent grid (MOBA_SM90_PERSISTENT=1) one CTA an SM takes
 // items in turn. A CTA has 3 warpgroups:
-// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys kBN (64) at a time and
+// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys kBN at a time (128 keys at head dim 128, else 64) and
 //   loads each chunk of K and V into a stage of shared memory with TMA (as many stages as fit),
 //   one box per run of `seg` = min(page, block, kBN) keys (such a run never leaves its page),
 //   64 head-dim columns a box, 128-byte swizzled; keys past the last query or the list read as
@@ -37,8 +37,9 @@
 namespace moba {
 
 // BN: keys a stage; as many stages as fit in shared memory beside Q (at most 8). At D 128, 128K,
-// page 16 on the H100 (before the batched lookups): 64 keys x 6 stages 51.5 ms, 128 keys x 3
-// stages 53.6 ms.
+// page 16 on the H100, attention alone: 128 keys x 3 stages 33.1-33.4 ms, 64 keys x 6 stages
+// 38.5-39.6 ms (Triton 35.1-36.0 in the same process); before the batched lookups the order was
+// the other way (53.6 against 51.5 ms).
 template <int D, int BN = 64>
 struct Sm90Prefill {
   static constexpr int kBM = 128;      // rows a CTA: 2 consumer warpgroups x 64
@@ -493,7 +494,8 @@ bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
     if (!sm90_prefill_enabled() || device_major() != 9 || !sm90_kernels_built(stream)) return false;
     if ((P & (P - 1)) != 0 || p.stride_kp != P * p.stride_ks || p.stride_vp != P * p.stride_vs) return false;
     if (p.num_slots >= INT_MAX) return false;
-    return launch_prefill_sm90_bn<T, D, 64>(p, stream);
+    // Keys a stage: 128 at head dim 128 (3 stages), 64 otherwise (head dim 64: 8 stages; 256: 2).
+    return launch_prefill_sm90_bn<T, D, D == 128 ? 128 : 64>(p, stream);
   }
 }
 
