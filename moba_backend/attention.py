@@ -31,11 +31,13 @@ from moba_backend.workspace import step_workspace_bytes
 
 IMPLS = ("auto", "torch", "triton", "cuda")
 # Ops `auto` runs on the CUDA kernels when the extension is loaded (the others stay on Triton):
-# the ones measured faster than Triton on the benchmark shapes (README, "CUDA kernels"). None is
-# now: H100, 128K, 8 KV heads, D 128, prefill 117 ms against 36 ms, batch-16 decode 0.395 ms
-# against 0.358 ms, pooling (since Triton's pools a block in one load) 161 us against 115 us
-# (`mean`; 163 against 148 `minmax`, decode steps 5.7 against 3.9 us). Empty: `auto` does not
-# load (or build) the extension at all.
+# the ones measured faster than Triton on the benchmark shapes at every length and on every GPU
+# they run on (README, "CUDA kernels"). None is yet: on the H100 (128K, 8 KV heads, D 128) the
+# Hopper prefill is now 5-7% faster than Triton, but it is unmeasured at other lengths, and SM80
+# runs the `mma.sync` kernel (117 ms against 36 ms); the batch-16 decode was 5% faster on one
+# machine and 10% slower on another (0.374 / 0.394 ms, 0.395 / 0.358 ms); pooling (since Triton's
+# pools a block in one load) 161 us against 115 us (`mean`; 163 against 148 `minmax`, decode
+# steps 5.7 against 3.9 us). Empty: `auto` does not load (or build) the extension at all.
 AUTO_CUDA_OPS: frozenset = frozenset()
 # A step of fresh prompts that runs dense (`MobaPlan.fresh_dense`) goes to torch's SDPA (cuDNN /
 # FlashAttention on a GPU) over its own new keys and values, one call per request, when it has
