@@ -5,11 +5,12 @@
 // r % G of the group, as in prefill.cuh), ordered row blocks fastest, then tiles, then KV heads.
 // A CTA takes one item, or with a persistent grid (MOBA_SM90_PERSISTENT=1) one CTA an SM takes
 // items in turn. A CTA has 3 warpgroups:
-// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys kBN at a time (128 keys at head dim 128, else 64) and
-//   loads each chunk of K and V into a stage of shared memory with TMA (as many stages as fit),
-//   one box per run of `seg` = min(page, block, kBN) keys (such a run never leaves its page),
-//   64 head-dim columns a box, 128-byte swizzled; keys past the last query or the list read as
-//   zeros (out-of-range rows); pages are looked up eight chunks at a time, ahead of the copies;
+// - warp 0 of warpgroup 0 (the producer) walks the tile's selected keys kBN at a time (128 at
+//   head dim 128, else 64) and loads each chunk of K and V into a stage of shared memory with TMA
+//   (as many stages as fit), one box per run of `seg` = min(page, block, kBN) keys (such a run
+//   never leaves its page), 64 head-dim columns a box, 128-byte swizzled; keys past the last query
+//   or the list read as zeros (out-of-range rows); the pages of 32 runs are looked up at a time
+//   (a lane each), ahead of the copies;
 // - warpgroups 1 and 2 (the consumers) own 64 rows each: S = Q K^T from shared memory, the online
 //   softmax in registers, O += P V with P from registers. S of chunk c is issued together with
 //   P V of chunk c - 1, and the softmax of chunk c runs while that P V is on the tensor cores.
