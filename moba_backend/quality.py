@@ -48,8 +48,8 @@ from moba_backend.trainer.distill import TRAIN_FRACTION, default_haystack, read_
 
 logger = logging.getLogger("moba-eval")
 
-GATES = ("mean", "max", "minmax", "learned", "oracle", "oracle-sum")
-DEFAULT_GATES = GATES[:5]
+DEFAULT_GATES = ("mean", "max", "minmax", "learned", "oracle")
+GATES = DEFAULT_GATES + ("oracle-sum",)
 ORACLES = {"oracle": "max", "oracle-sum": "sum"}
 MODES = ("token", "union", "shared")
 
