@@ -69,7 +69,7 @@ MIXED = [(300, 1, True), (37, 90, False), (0, 45, False), (1000, 1, True), (200,
 
 
 # The prefill launcher runs the Hopper kernel (wgmma + TMA, csrc/prefill_sm90.cuh) on SM90 devices
-# for head dims 64 and 128 and power-of-two pages, the mma.sync kernel otherwise and wherever
+# for head dims 64, 128 and 256 and power-of-two pages, the mma.sync kernel otherwise and wherever
 # MOBA_CUDA_WGMMA=0; MOBA_SM90_PERSISTENT=1 gives the Hopper kernel a persistent grid (one CTA an
 # SM looping over the work items) instead of one CTA an item: all three are checked.
 KERNELS = {"auto": {}, "mma": {"MOBA_CUDA_WGMMA": "0"}, "persistent": {"MOBA_SM90_PERSISTENT": "1"}}
