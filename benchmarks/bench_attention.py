@@ -107,7 +107,7 @@ def layer_pool(attn: MobaAttention, k_cache, summ, plan) -> None:
 def layer_attend(attn: MobaAttention, q, paged, plan, sel: Selection, out) -> None:
     """The attention step of `MobaAttention.forward` on the Triton path, alone."""
     if hasattr(attn, "_cuda_ops"):
-        attn._attend_triton(q, paged.k_cache, paged.v_cache, plan, sel, out, attn._cuda_ops(q, paged.k_cache))
+        attn._attend_triton(q, paged.k_cache, paged.v_cache, plan, sel, out, attn._cuda_ops(q, paged.k_cache, paged.v_cache))
         return
     if hasattr(attn, "_attend_triton"):
         attn._attend_triton(q, paged.k_cache, paged.v_cache, plan, sel, out)

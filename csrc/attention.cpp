@@ -1,11 +1,15 @@
 // Torch launchers of the sparse paged attention kernels: checks, then `moba_cuda::prefill` and
-// `moba_cuda::decode`.
+// `moba_cuda::decode`; `moba_cuda::hopper_prefill_ready` says whether this device and build can run
+// the Hopper prefill.
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <stdlib.h>
+#include <string.h>
 
 #include "checks.h"
 #include "params.h"
@@ -126,16 +130,15 @@ AttnParams attn_params(const at::Tensor& q,            // [T, H, D]
 }
 
 #define MOBA_DISPATCH(FN)                                                              \
-  void FN##_dispatch(const AttnParams& p, at::ScalarType dt, int64_t D, cudaStream_t s) { \
+  auto FN##_dispatch(const AttnParams& p, at::ScalarType dt, int64_t D, cudaStream_t s) { \
     if (dt == at::kBFloat16) {                                                         \
-      if (D == 64) FN<__nv_bfloat16, 64>(p, s);                                        \
-      else if (D == 128) FN<__nv_bfloat16, 128>(p, s);                                 \
-      else FN<__nv_bfloat16, 256>(p, s);                                               \
-    } else {                                                                           \
-      if (D == 64) FN<__half, 64>(p, s);                                               \
-      else if (D == 128) FN<__half, 128>(p, s);                                        \
-      else FN<__half, 256>(p, s);                                                      \
+      if (D == 64) return FN<__nv_bfloat16, 64>(p, s);                                 \
+      if (D == 128) return FN<__nv_bfloat16, 128>(p, s);                               \
+      return FN<__nv_bfloat16, 256>(p, s);                                             \
     }                                                                                  \
+    if (D == 64) return FN<__half, 64>(p, s);                                          \
+    if (D == 128) return FN<__half, 128>(p, s);                                        \
+    return FN<__half, 256>(p, s);                                                      \
   }
 MOBA_DISPATCH(launch_prefill)
 MOBA_DISPATCH(launch_decode)
@@ -152,8 +155,13 @@ void prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v
   p.rows_per_tile = static_cast<int>(tokens_per_tile * p.group);
   if (p.num_tiles == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
-  launch_prefill_dispatch(p, q.scalar_type(), q.size(2), at::cuda::getCurrentCUDAStream());
+  const bool hopper = launch_prefill_dispatch(p, q.scalar_type(), q.size(2), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const char* want = getenv("MOBA_CUDA_WGMMA");
+  MOBA_CHECK(hopper || want == nullptr || strcmp(want, "require") != 0,
+             "MOBA_CUDA_WGMMA=require: the Hopper prefill kernel cannot take this call (it needs an SM90 "
+             "device, a build for sm_90a, head dim 64/128/256, power-of-two pages and 16-byte aligned "
+             "strides); head dim ", q.size(2), ", page size ", p.page_size);
 }
 
 // Decode tiles: one token each; `num_splits` parts of each token's list, merged by log-sum-exp.
@@ -180,6 +188,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+bool hopper_ready() { return hopper_prefill_ready(at::cuda::getCurrentCUDAStream()); }
+
 }  // namespace
 
 // Catch-all kernels: tensors on the wrong device reach the checks above and get their message.
@@ -194,6 +204,7 @@ TORCH_LIBRARY_FRAGMENT(moba_cuda, m) {
         "Tensor blocks, Tensor nblocks, int block_size, int num_splits, float scale, float softcap, "
         "int window) -> ()",
         TORCH_FN(decode));
+  m.def("hopper_prefill_ready() -> bool", TORCH_FN(hopper_ready));
 }
 
 }  // namespace moba

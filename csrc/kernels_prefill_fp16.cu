@@ -2,7 +2,7 @@
 #include "prefill.cuh"
 
 namespace moba {
-template void launch_prefill<__half, 64>(const AttnParams&, cudaStream_t);
-template void launch_prefill<__half, 128>(const AttnParams&, cudaStream_t);
-template void launch_prefill<__half, 256>(const AttnParams&, cudaStream_t);
+template bool launch_prefill<__half, 64>(const AttnParams&, cudaStream_t);
+template bool launch_prefill<__half, 128>(const AttnParams&, cudaStream_t);
+template bool launch_prefill<__half, 256>(const AttnParams&, cudaStream_t);
 }  // namespace moba

@@ -55,6 +55,10 @@ struct AttnParams {
 
 template <typename T, typename TS> void launch_pool(const PoolParams& p, cudaStream_t stream);
 template <typename T, int D> void launch_decode(const AttnParams& p, cudaStream_t stream);
-template <typename T, int D> void launch_prefill(const AttnParams& p, cudaStream_t stream);
+// Returns whether the Hopper kernel ran the call (else the mma.sync kernel did).
+template <typename T, int D> bool launch_prefill(const AttnParams& p, cudaStream_t stream);
+// Whether prefill calls on the current device can run the Hopper kernel (prefill_sm90.cuh): an SM90
+// device, a build holding its code, MOBA_CUDA_WGMMA not 0. The call's shapes decide the rest.
+bool hopper_prefill_ready(cudaStream_t stream);
 
 }  // namespace moba

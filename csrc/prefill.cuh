@@ -67,8 +67,6 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
   const T* v_base = static_cast<const T*>(p.v) + i_hk * p.stride_vh;
   const T* q_base = static_cast<const T*>(p.q);
 
-  auto key_pos = [&](int k) { return t.key_pos(k); };
-
   // Q rows of this CTA (zeros past the tile).
   for (int v = tid; v < kBM * DC; v += kThreads) {
     const int r = v / DC, col = (v % DC) * 8;
@@ -89,7 +87,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, V>::kWarps * 32) prefill_kern
 #pragma unroll
     for (int i = 0; i < NL; ++i) {
       const int k = c * kBN + (tid + i * kThreads) / DC;
-      int pos = k < n_keys ? key_pos(k) : INT_MAX;
+      int pos = k < n_keys ? t.key_pos(k) : INT_MAX;
       // NOTE: keys past the CTA's last query may lie in pages the request does not own yet.
       pos = pos <= max_pos ? pos : INT_MAX;
       nx_pos[i] = pos;
@@ -298,10 +296,11 @@ void launch_prefill_variant(const AttnParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int D>
-void launch_prefill(const AttnParams& p, cudaStream_t stream) {
-  if (p.num_tiles == 0) return;
-  if (launch_prefill_sm90<T, D>(p, stream)) return;
+bool launch_prefill(const AttnParams& p, cudaStream_t stream) {
+  if (p.num_tiles == 0) return false;
+  if (launch_prefill_sm90<T, D>(p, stream)) return true;
   launch_prefill_variant<T, D, 0>(p, stream);
+  return false;
 }
 
 }  // namespace moba

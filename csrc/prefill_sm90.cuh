@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "common.cuh"
 #include "params.h"
@@ -58,7 +59,7 @@ template <typename T, int D, int BN>
 __global__ void __launch_bounds__(384, 1)
     prefill_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_k,
                         const __grid_constant__ CUtensorMap tmap_v, const int seg, const int oob_row,
-                        const int n_rb, const int n_work) {
+                        const bool heads_inner, const int n_rb, const int n_work) {
 #if MOBA_SM90
   using Cfg = Sm90Prefill<D, BN>;
   using namespace sm90;
@@ -106,6 +107,7 @@ __global__ void __launch_bounds__(384, 1)
     if (tid >= 32) return;
     const int lane = tid;
     const int n_seg = kBN / seg;
+    const int p_shift = __ffs(P) - 1;  // pages are powers of two
     static_assert(kBN / 16 <= 32, "one run a lane");
     const int cpl = 32 / n_seg;
     int g = 0;  // chunks loaded so far: chunk g goes to stage g % NS
@@ -140,11 +142,14 @@ __global__ void __launch_bounds__(384, 1)
         if (lane == 0) mbar_arrive_expect_tx(&full[s], 2 * kKvBytes);
         __syncwarp();
         if (lane / n_seg == i) {
+          // Cache row -> (page, slot in the page); the out-of-range row is page N, read as zeros.
+          const int page = row >> p_shift, slot = row & (P - 1);
 #pragma unroll
           for (int a = 0; a < NA; ++a) {
             const uint32_t off = s * kKvBytes + a * kBN * 128 + (lane % n_seg) * seg * 128;
-            tma_load_3d(sK + off, &tmap_k, &full[s], a * 64, i_hk, row);
-            tma_load_3d(sV + off, &tmap_v, &full[s], a * 64, i_hk, row);
+            const int c1 = heads_inner ? i_hk : slot, c2 = heads_inner ? slot : i_hk;
+            tma_load_4d(sK + off, &tmap_k, &full[s], a * 64, c1, c2, page);
+            tma_load_4d(sV + off, &tmap_v, &full[s], a * 64, c1, c2, page);
           }
         }
       }
@@ -165,7 +170,6 @@ __global__ void __launch_bounds__(384, 1)
   PrefillTile t;
   int row0 = 0, i_hk = 0, n_keys = 0, c_mask = 0;
   int qpos[2];
-  auto key_pos = [&](int k) { return t.key_pos(k); };
 
   float o[D / 2];
   float s[kBN / 2];
@@ -210,7 +214,7 @@ __global__ void __launch_bounds__(384, 1)
           float x = logit_log2(s[4 * i + e], p.scale_log2, p.softcap);
           if (masked) {
             const int k = c * kBN + 8 * i + 2 * (lane % 4) + (e & 1);
-            const int kp = k < n_keys ? key_pos(k) : INT_MAX;
+            const int kp = k < n_keys ? t.key_pos(k) : INT_MAX;
             const int qp = qpos[e >> 1];
             const bool ok = kp <= qp && (p.window <= 0 || qp - kp < p.window);
             x = ok ? x : -INFINITY;
@@ -369,7 +373,8 @@ __global__ void __launch_bounds__(384, 1)
 
 // ---- host side ----
 
-// Whether the Hopper kernel is allowed: MOBA_CUDA_WGMMA=0 keeps every GPU on the mma.sync kernel.
+// Whether the Hopper kernel is allowed: MOBA_CUDA_WGMMA=0 keeps every GPU on the mma.sync kernel
+// (=require: a prefill call the Hopper kernel cannot take is an error, attention.cpp).
 inline bool sm90_prefill_enabled() {
   const char* v = getenv("MOBA_CUDA_WGMMA");
   return v == nullptr || strcmp(v, "0") != 0;
@@ -426,19 +431,29 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A K or V cache [N, P, HK, D] seen as [N * P slots, HK, D], boxes of `seg` slots x 1 head x 64.
+// A K or V cache [N, P, HK, D] with its own strides (a page may be padded, and hold its slots
+// after its heads, as vLLM's [N, HK, P, 2 D] pages do), boxes of `seg` slots of one page x 1 head
+// x 64 columns; the map's dimensions run columns, then the finer of slots and heads
+// (`heads_inner`: heads), then the coarser, then pages. False where TMA cannot take the layout
+// (strides or base not 16-byte aligned).
 template <typename T>
-bool kv_tensor_map(CUtensorMap* map, const void* base, int64_t slots, int hk, int d, int64_t stride_s,
-                   int64_t stride_h, int seg) {
+bool kv_tensor_map(CUtensorMap* map, const void* base, int64_t pages, int page_size, int hk, int d,
+                   int64_t stride_p, int64_t stride_s, int64_t stride_h, int seg, bool heads_inner) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return false;
   const CUtensorMapDataType dt =
       std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(hk), cuuint64_t(slots)};
-  cuuint64_t strides[2] = {cuuint64_t(stride_h) * sizeof(T), cuuint64_t(stride_s) * sizeof(T)};
-  cuuint32_t box[3] = {64, 1, cuuint32_t(seg)};
-  cuuint32_t elem[3] = {1, 1, 1};
-  return encode(map, dt, 3, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  const cuuint64_t sz = sizeof(T);
+  cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(page_size), cuuint64_t(hk), cuuint64_t(pages)};
+  cuuint64_t strides[3] = {cuuint64_t(stride_s) * sz, cuuint64_t(stride_h) * sz, cuuint64_t(stride_p) * sz};
+  cuuint32_t box[4] = {64, cuuint32_t(seg), 1, 1};
+  if (heads_inner) {
+    std::swap(dims[1], dims[2]);
+    std::swap(strides[0], strides[1]);
+    std::swap(box[1], box[2]);
+  }
+  cuuint32_t elem[4] = {1, 1, 1, 1};
+  return encode(map, dt, 4, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -460,8 +475,14 @@ bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
   // Keys a TMA box: a run within one page, one block and one stage (all powers of two).
   const int seg = P < B ? (P < Cfg::kBN ? P : Cfg::kBN) : (B < Cfg::kBN ? B : Cfg::kBN);
   CUtensorMap tk, tv;
-  if (!kv_tensor_map<T>(&tk, p.k, slots, p.num_kv_heads, D, p.stride_ks, p.stride_kh, seg) ||
-      !kv_tensor_map<T>(&tv, p.v, slots, p.num_kv_heads, D, p.stride_vs, p.stride_vh, seg))
+  const int64_t pages = slots / P;
+  // One order for both maps (the kernel's coordinates): heads inner where K's heads are.
+  const bool heads_inner = p.stride_kh < p.stride_ks;
+  if (heads_inner != (p.stride_vh < p.stride_vs) ||
+      !kv_tensor_map<T>(&tk, p.k, pages, P, p.num_kv_heads, D, p.stride_kp, p.stride_ks, p.stride_kh, seg,
+                        heads_inner) ||
+      !kv_tensor_map<T>(&tv, p.v, pages, P, p.num_kv_heads, D, p.stride_vp, p.stride_vs, p.stride_vh, seg,
+                        heads_inner))
     return false;
   const int n_rb = (p.rows_per_tile + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_work = int64_t(n_rb) * p.num_kv_heads * p.num_tiles;
@@ -479,13 +500,14 @@ bool launch_prefill_sm90_bn(const AttnParams& p, cudaStream_t stream) {
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
     return false;
   const int64_t grid = persistent && n_sm > 0 ? std::min<int64_t>(n_work, n_sm) : n_work;
-  kernel<<<dim3(unsigned(grid)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots), n_rb, int(n_work));
+  kernel<<<dim3(unsigned(grid)), Cfg::kThreads, smem, stream>>>(p, tk, tv, seg, int(slots), heads_inner, n_rb,
+                                                                    int(n_work));
   return true;
 }
 
 // Launches the Hopper kernel where it applies (an SM90 device, head dim 64, 128 or 256, power-of-two
-// pages, each cache's pages adjacent in memory); returns false to leave the call to the mma.sync
-// kernel.
+// pages, strides TMA can take: multiples of 16 bytes); returns false to leave the call to the
+// mma.sync kernel.
 template <typename T, int D>
 bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
   if constexpr (D != 64 && D != 128 && D != 256) {
@@ -493,7 +515,7 @@ bool launch_prefill_sm90(const AttnParams& p, cudaStream_t stream) {
   } else {
     const int P = p.page_size;
     if (!sm90_prefill_enabled() || device_major() != 9 || !sm90_kernels_built(stream)) return false;
-    if ((P & (P - 1)) != 0 || p.stride_kp != P * p.stride_ks || p.stride_vp != P * p.stride_vs) return false;
+    if ((P & (P - 1)) != 0) return false;
     if (p.num_slots >= INT_MAX) return false;
     // Keys a stage: 128 at head dim 128 (3 stages), 64 otherwise (head dim 64: 8 stages; 256: 2).
     return launch_prefill_sm90_bn<T, D, D == 128 ? 128 : 64>(p, stream);

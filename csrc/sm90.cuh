@@ -127,13 +127,16 @@ MOBA_DEVICE void mbar_wait(uint64_t* bar, uint32_t parity) {
 #endif
 }
 
-// TMA: a 3-D box of the tensor map into shared memory, completing `bytes` on the barrier.
+// TMA: a 4-D box of the tensor map into shared memory, completing `bytes` on the barrier.
 // Coordinates past the tensor's extent read as zeros (and still count their bytes).
-MOBA_DEVICE void tma_load_3d(void* smem_dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+MOBA_DEVICE void tma_load_4d(void* smem_dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
+                             int c3) {
 #if MOBA_SM90
   asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
-      ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n"
+      ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2),
+        "r"(c3)
       : "memory");
 #endif
 }

@@ -30,15 +30,23 @@ from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
 from moba_backend.workspace import step_workspace_bytes
 
 IMPLS = ("auto", "torch", "triton", "cuda")
-# Ops `auto` runs on the CUDA kernels when the extension is loaded (the others stay on Triton):
-# the ones measured faster than Triton on the benchmark shapes at every length and on every GPU
-# they run on (README, "CUDA kernels"). None is yet: on the H100 (128K, 8 KV heads, D 128) the
-# Hopper prefill is now 5-7% faster than Triton, but it is unmeasured at other lengths, and SM80
-# runs the `mma.sync` kernel (117 ms against 36 ms); the batch-16 decode was 5% faster on one
-# machine and 10% slower on another (0.374 / 0.394 ms, 0.395 / 0.358 ms); pooling (since Triton's
-# pools a block in one load) 161 us against 115 us (`mean`; 163 against 148 `minmax`, decode
-# steps 5.7 against 3.9 us). Empty: `auto` does not load (or build) the extension at all.
-AUTO_CUDA_OPS: frozenset = frozenset()
+# What `auto` runs on the CUDA kernels (the rest on Triton): the prefill where its Hopper kernel
+# (wgmma + TMA) takes the call, on SM90 devices with an installed build of the extension (`auto`
+# never compiles it). H100, Llama-3-8B attention (32 / 8 heads, head dim 128), page 16, `shared`,
+# attention alone: the Hopper kernel 33.1-33.4 ms against Triton 35.1-36.0 at 128K (README, "CUDA
+# kernels"). Not the decode (5% faster than Triton on one H100, 10% slower on another: 0.374 /
+# 0.394 ms, 0.395 / 0.358 ms at 128K x 16), nor pooling (161 against 115 us), nor the SM80
+# `mma.sync` prefill (117 against 36 ms).
+def auto_cuda_ops(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> frozenset:
+    """The ops of this call that `moba_impl: auto` runs on the CUDA kernels."""
+    if not q.is_cuda:
+        return frozenset()
+    from moba_backend.ops import cuda_ext
+    if not cuda_ext.available_without_build() or not cuda_ext.hopper_prefill(q, k_cache, v_cache):
+        return frozenset()
+    return frozenset({"prefill"})
+
+
 # A step of fresh prompts that runs dense (`MobaPlan.fresh_dense`) goes to torch's SDPA (cuDNN /
 # FlashAttention on a GPU) over its own new keys and values, one call per request, when it has
 # at most this many requests; more stay on the kernels, which take the whole step at once.
@@ -137,17 +145,19 @@ class MobaAttention:
             return device.type == "cuda"
         return self.impl in ("triton", "cuda")
 
-    def _cuda_ops(self, q: torch.Tensor, k_cache: torch.Tensor) -> frozenset:
+    def _cuda_ops(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None) -> frozenset:
         """The ops of this call that run on the CUDA kernels."""
-        if self.impl not in ("auto", "cuda") or not q.is_cuda or (self.impl == "auto" and not AUTO_CUDA_OPS):
-            return frozenset()
-        from moba_backend.ops import cuda_ext
-        if self.impl == "auto" and not cuda_ext.available():
+        if self.impl not in ("auto", "cuda") or not q.is_cuda:
             return frozenset()
         ops = {"pool"}
-        if cuda_ext.supports_attention(q, k_cache) and self.cfg.moba_tile_select != "token":
+        if self.cfg.moba_tile_select != "token":
             ops |= {"prefill", "decode"}
-        return frozenset(ops) & AUTO_CUDA_OPS if self.impl == "auto" else frozenset(ops)
+        if self.impl == "auto":
+            return frozenset(ops) & auto_cuda_ops(q, k_cache, k_cache if v_cache is None else v_cache)
+        from moba_backend.ops import cuda_ext
+        if not cuda_ext.supports_attention(q, k_cache):
+            ops -= {"prefill", "decode"}
+        return frozenset(ops)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, summary_cache: torch.Tensor,
@@ -184,7 +194,7 @@ class MobaAttention:
         if T == 0:
             return out
         use_triton = self._use_triton(q.device)
-        cuda_ops = self._cuda_ops(q, k_cache) if use_triton else frozenset()
+        cuda_ops = self._cuda_ops(q, k_cache, v_cache) if use_triton else frozenset()
         cfg = self.cfg
         if use_triton:
             if "pool" in cuda_ops:

@@ -87,6 +87,19 @@ def available() -> bool:
     return _load() is None
 
 
+@functools.cache
+def _installed_build() -> bool:
+    return bool(glob.glob(os.path.join(PACKAGE_DIR, "_moba_cuda*.so")))
+
+
+def available_without_build() -> bool:
+    """True when the CUDA ops are loaded or an install-time build loads; never compiles (what
+    `moba_impl: auto` asks: a first forward must not wait minutes for nvcc)."""
+    if _load.cache_info().currsize == 0 and not _installed_build():
+        return False
+    return _load() is None
+
+
 def ops():
     """`torch.ops.moba_cuda`; a clear error when the extension cannot be had."""
     reason = _load()
@@ -100,3 +113,32 @@ def supports_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     D, H, HK, P = q.shape[-1], q.shape[1], k_cache.shape[2], k_cache.shape[1]
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and D in HEAD_DIMS
             and H // HK <= MAX_GROUP and P % 16 == 0)
+
+
+# Per device index: whether its prefill calls can run the Hopper kernel (asked of the extension).
+_HOPPER_READY: dict[int, bool] = {}
+
+
+def hopper_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the CUDA prefill runs these shapes on its Hopper kernel (wgmma + TMA,
+    csrc/prefill_sm90.cuh) rather than the `mma.sync` one: an SM90 device and a build holding the
+    Hopper code (asked of the extension, which must be loaded), head dim 64/128/256, power-of-two
+    pages, 16-byte aligned strides and bases. False during a CUDA graph capture until asked once
+    outside one."""
+    if not supports_attention(q, k_cache) or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    P = k_cache.shape[1]
+    if P & (P - 1) or k_cache.shape[0] * P >= 2 ** 31 - 1:
+        return False
+    for t in (k_cache, v_cache):
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:3]):
+            return False
+    if (k_cache.stride(2) < k_cache.stride(1)) != (v_cache.stride(2) < v_cache.stride(1)):
+        return False
+    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if idx not in _HOPPER_READY:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        with torch.cuda.device(idx):
+            _HOPPER_READY[idx] = bool(ops().hopper_prefill_ready())
+    return _HOPPER_READY[idx]

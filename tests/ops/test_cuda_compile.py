@@ -56,10 +56,11 @@ STUB_LAUNCHES = """
 #include "params.h"
 namespace moba {
 template <typename T, int D> void launch_decode(const AttnParams&, cudaStream_t) {}
-template <typename T, int D> void launch_prefill(const AttnParams&, cudaStream_t) {}
+template <typename T, int D> bool launch_prefill(const AttnParams&, cudaStream_t) { return false; }
+bool hopper_prefill_ready(cudaStream_t) { return false; }
 template <typename T, typename TS> void launch_pool(const PoolParams&, cudaStream_t) {}
 #define MOBA_ATTN(T, D) template void launch_decode<T, D>(const AttnParams&, cudaStream_t); \\
-  template void launch_prefill<T, D>(const AttnParams&, cudaStream_t);
+  template bool launch_prefill<T, D>(const AttnParams&, cudaStream_t);
 #define MOBA_ATTN_ALL(T) MOBA_ATTN(T, 64) MOBA_ATTN(T, 128) MOBA_ATTN(T, 256)
 MOBA_ATTN_ALL(__nv_bfloat16)
 MOBA_ATTN_ALL(__half)

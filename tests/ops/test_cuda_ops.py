@@ -39,7 +39,24 @@ def tile_selection(plan, H: int, HK: int, density: float):
     return mask, Selection(sel.tile_blocks, sel.tile_nblocks, None)
 
 
-def attention_case(reqs, H, HK, D, P, B, dtype, kind, splits=None, softcap=0.0, window=-1):
+def vllm_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, pad: int = 64):
+    """The same caches as strided views of vLLM's pages: `[N, HK, P, 2 D]` (K then V in each row),
+    each page followed by `pad` spare elements (where the summaries live), as `split_kv_cache`
+    hands them to the kernels."""
+    N, P, HK, D = k_cache.shape
+    raw = torch.empty(N, HK * P * 2 * D + pad, dtype=k_cache.dtype, device=k_cache.device)
+    kv = raw[:, :HK * P * 2 * D].view(N, HK, P, 2 * D)
+    kv[..., :D] = k_cache.transpose(1, 2)
+    kv[..., D:] = v_cache.transpose(1, 2)
+    kv = kv.transpose(1, 2)
+    return kv[..., :D], kv[..., D:]
+
+
+def on_hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def attention_case(reqs, H, HK, D, P, B, dtype, kind, splits=None, softcap=0.0, window=-1, layout="dense"):
     from moba_backend.ops.decode.cuda_impl import sparse_decode_fwd
     from moba_backend.ops.prefill.cuda_impl import sparse_prefill_fwd
 
@@ -51,7 +68,10 @@ def attention_case(reqs, H, HK, D, P, B, dtype, kind, splits=None, softcap=0.0, 
                            plan.token_req.cpu(), plan.token_pos.cpu(), mask, B, D ** -0.5, softcap, window)
     dev = lambda x: x.to("cuda")  # noqa: E731
     out = torch.full_like(b.q, float("nan")).cuda()           # poisoned: every row must be written
-    args = (dev(b.q), dev(b.k_cache), dev(b.v_cache), dev(b.block_table))
+    k_cache, v_cache = dev(b.k_cache), dev(b.v_cache)
+    if layout == "vllm":
+        k_cache, v_cache = vllm_pages(k_cache, v_cache)
+    args = (dev(b.q), k_cache, v_cache, dev(b.block_table))
     common = dict(block_size=B, scale=D ** -0.5, softcap=softcap, window=window)
     if kind in ("prefill", "both"):
         sparse_prefill_fwd(*args, plan.prefill, sel, out, tokens_per_tile=plan.tokens_per_tile, **common)
@@ -101,6 +121,52 @@ def test_cuda_prefill_hopper_shapes(case, dtype, prefill_kernel):
         "d128_g1_p16_b16": ([(1, 513, False)], 4, 4, 128, 16, 16),
     }
     attention_case(*shapes[case], dtype=dtype, kind="prefill")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["d128_g4_p16_b128", "d64_g3_p32_b16", "d256_g2_p64_b64"])
+def test_cuda_prefill_vllm_page_layout(case, dtype, monkeypatch):
+    """vLLM's pages (`[N, HK, P, 2 D]`, padded) through the prefill; on Hopper the Hopper kernel
+    must take them (MOBA_CUDA_WGMMA=require makes a fallback to `mma.sync` an error)."""
+    shapes = {
+        "d128_g4_p16_b128": ([(333, 700, False), (0, 129, False)], 16, 4, 128, 16, 128),
+        "d64_g3_p32_b16": ([(100, 333, False), (0, 50, False)], 9, 3, 64, 32, 16),
+        "d256_g2_p64_b64": ([(65, 300, False)], 8, 4, 256, 64, 64),
+    }
+    if on_hopper():
+        monkeypatch.setenv("MOBA_CUDA_WGMMA", "require")
+    attention_case(*shapes[case], dtype=dtype, kind="prefill", layout="vllm")
+
+
+def test_cuda_prefill_require_hopper_names_the_reason(monkeypatch):
+    """MOBA_CUDA_WGMMA=require: a call the Hopper kernel cannot take (pages of 48) is an error."""
+    monkeypatch.setenv("MOBA_CUDA_WGMMA", "require")
+    with pytest.raises(RuntimeError, match="MOBA_CUDA_WGMMA=require: the Hopper prefill kernel cannot take"):
+        attention_case([(20, 40, False)], 4, 2, 128, 48, 16, torch.bfloat16, "prefill")
+
+
+@pytest.mark.parametrize("layout", ["dense", "vllm"])
+def test_auto_runs_the_hopper_prefill(layout):
+    """`moba_impl: auto` hands the prefill (only) to the CUDA kernels where the Hopper kernel takes
+    it, and the layer's output equals Triton's."""
+    from moba_backend.attention import MobaAttention, auto_cuda_ops
+
+    H, HK, D, P = 32, 8, 128, 16
+    b = make_batch(MIXED, H=H, HK=HK, D=D, P=P, dtype=torch.bfloat16, device="cuda")
+    cfg = moba_cfg(moba_tile_select="shared")
+    plan = b.plan(cfg, device="cuda")
+    # fresh caches for each layer (a clone of vLLM's padded views would not keep their strides)
+    fresh = lambda: ((b.k_cache.clone(), b.v_cache.clone()) if layout == "dense"  # noqa: E731
+                     else vllm_pages(b.k_cache, b.v_cache))
+    k_cache, v_cache = fresh()
+    assert auto_cuda_ops(b.q, k_cache, v_cache) == (frozenset({"prefill"}) if on_hopper() else frozenset())
+    assert auto_cuda_ops(b.q.float(), k_cache.float(), v_cache.float()) == frozenset()
+    outs = {}
+    for impl in ("triton", "auto"):
+        attn = MobaAttention(cfg, H, HK, D, impl=impl)
+        summ = torch.zeros(attn.summary_shape(b.k_cache.shape[0], P), device="cuda")
+        outs[impl] = attn.forward(b.q, b.k, b.v, *fresh(), summ, plan)
+    assert_close(outs["auto"].float(), outs["triton"].float(), 1e-2, f"auto layer {layout}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
