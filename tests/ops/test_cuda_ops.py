@@ -161,6 +161,9 @@ def test_auto_runs_the_hopper_prefill(layout):
     k_cache, v_cache = fresh()
     assert auto_cuda_ops(b.q, k_cache, v_cache) == (frozenset({"prefill"}) if on_hopper() else frozenset())
     assert auto_cuda_ops(b.q.float(), k_cache.float(), v_cache.float()) == frozenset()
+    q256, kc256 = torch.empty(4, 8, 256, device="cuda", dtype=torch.bfloat16), torch.empty(
+        3, 16, 2, 256, device="cuda", dtype=torch.bfloat16)
+    assert auto_cuda_ops(q256, kc256, kc256) == frozenset()  # Triton is the faster at head dim 256
     outs = {}
     for impl in ("triton", "auto"):
         attn = MobaAttention(cfg, H, HK, D, impl=impl)

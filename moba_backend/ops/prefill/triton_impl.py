@@ -311,8 +311,12 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
     if q.element_size() == 4:
         # float32 (exact products, no tensor cores) stages its operands through shared memory
         # at twice the 16-bit size: 128 keys x 4 stages no longer fit in an H100's 228 KiB
-        block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
+        block_n = min(block_n, 64 if D_pow2 <= 64 else 32 if D_pow2 <= 128 else 16)
         num_stages = min(num_stages, 2)
+    elif D_pow2 >= 256:
+        # head dim 256: Q (64 KiB at 128 rows) and two stages of 128 keys of K and V (256 KiB)
+        # do not fit in an H100's 227 KiB; 64 keys a stage do (192 KiB)
+        block_n = min(block_n, 64)
     prefetch = PREFETCH_STEPS if prefetch is None else prefetch
     check(prefetch in (0, 1), f"sparse_attn_launch: prefetch={prefetch}, expected 0 or 1 (loop steps ahead)")
     rescale_at = float(RESCALE_AT_LOG2 if rescale_at is None else rescale_at)
@@ -655,9 +659,10 @@ def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, o
     per_token = H * W * (D * part_dtype.itemsize + 8)
     D_pow2 = next_pow2(max(D, 16))
     block_m = TOKEN_BLOCK_M
-    block_n = min(block_size, 128 if D_pow2 <= 128 else 64)
+    # head dim 256: 64 keys a step need 272 KiB of shared memory on an H100 (227 KiB there)
+    block_n = min(block_size, 128 if D_pow2 <= 128 else 32)
     if q.element_size() == 4:
-        block_n = min(block_n, 64 if D_pow2 <= 64 else 32)
+        block_n = min(block_n, 64 if D_pow2 <= 64 else 32 if D_pow2 <= 128 else 16)
     all_rows, all_row_span, span_req, span_last, row0, passes = _span_passes(
         tiles, per_token, PARTIAL_BUDGET_BYTES, dev)
     max_spans = max(s1 - s0 for s0, s1 in passes)
