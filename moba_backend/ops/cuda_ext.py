@@ -65,20 +65,45 @@ def _build() -> None:
          verbose=os.environ.get("MOBA_CUDA_VERBOSE") == "1")
 
 
-@functools.cache
-def _load() -> str | None:
-    """None once the ops are registered, else why they are not."""
+def _unavailable(e: Exception) -> str:
+    reason = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    log.warning("moba_backend: CUDA kernels unavailable (%s); using the Triton kernels", reason)
+    return reason
+
+
+def _no_cuda() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
-    try:
-        if not _load_installed():
-            _build()
-    except Exception as e:  # noqa: BLE001 - any build or load failure means: use Triton
-        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-        log.warning("moba_backend: CUDA kernels unavailable (%s); using the Triton kernels", reason)
+    return None
+
+
+@functools.cache
+def _load_installed_only() -> str | None:
+    """None once the install-time build is loaded, else why not (nothing is compiled)."""
+    reason = _no_cuda()
+    if reason is not None:
         return reason
+    try:
+        return None if _load_installed() else "no installed build"
+    except Exception as e:  # noqa: BLE001 - a build that does not load means: use Triton
+        return _unavailable(e)
+
+
+@functools.cache
+def _load() -> str | None:
+    """None once the ops are registered (the installed build, else one compiled here), else why
+    they are not."""
+    reason = _no_cuda()
+    if reason is not None:
+        return reason
+    if _load_installed_only() is None:
+        return None
+    try:
+        _build()
+    except Exception as e:  # noqa: BLE001 - any build or load failure means: use Triton
+        return _unavailable(e)
     return None
 
 
@@ -87,17 +112,12 @@ def available() -> bool:
     return _load() is None
 
 
-@functools.cache
-def _installed_build() -> bool:
-    return bool(glob.glob(os.path.join(PACKAGE_DIR, "_moba_cuda*.so")))
-
-
 def available_without_build() -> bool:
-    """True when the CUDA ops are loaded or an install-time build loads; never compiles (what
+    """True when the CUDA ops are loaded or the install-time build loads; never compiles (what
     `moba_impl: auto` asks: a first forward must not wait minutes for nvcc)."""
-    if _load.cache_info().currsize == 0 and not _installed_build():
-        return False
-    return _load() is None
+    if _load.cache_info().currsize:
+        return _load() is None
+    return _load_installed_only() is None
 
 
 def ops():
