@@ -283,6 +283,11 @@ def _sparse_attn_kernel(
         tl.store(lse_ptr + i_t * stride_et + i_h * stride_eh + i_s, lse, mask=m_row)
 
 
+def _float32_block_n(block_n: int, d_pow2: int) -> int:
+    """Keys a step for float32 operands, which take twice the shared memory of 16-bit ones."""
+    return min(block_n, 64 if d_pow2 <= 64 else 32 if d_pow2 <= 128 else 16)
+
+
 def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *, block_size, scale,
                        softcap, window, block_m, num_splits, block_n=None, num_warps=None,
                        num_stages=None, prefetch=None, rescale_at=None) -> None:
@@ -311,7 +316,7 @@ def sparse_attn_launch(q, k_cache, v_cache, block_table, tiles, sel, out, lse, *
     if q.element_size() == 4:
         # float32 (exact products, no tensor cores) stages its operands through shared memory
         # at twice the 16-bit size: 128 keys x 4 stages no longer fit in an H100's 228 KiB
-        block_n = min(block_n, 64 if D_pow2 <= 64 else 32 if D_pow2 <= 128 else 16)
+        block_n = _float32_block_n(block_n, D_pow2)
         num_stages = min(num_stages, 2)
     elif D_pow2 >= 256:
         # head dim 256: Q (64 KiB at 128 rows) and two stages of 128 keys of K and V (256 KiB)
@@ -662,7 +667,7 @@ def token_prefill_fwd(q, k_cache, v_cache, block_table, token_pos, tiles, sel, o
     # head dim 256: 64 keys a step need 272 KiB of shared memory on an H100 (227 KiB there)
     block_n = min(block_size, 128 if D_pow2 <= 128 else 32)
     if q.element_size() == 4:
-        block_n = min(block_n, 64 if D_pow2 <= 64 else 32 if D_pow2 <= 128 else 16)
+        block_n = _float32_block_n(block_n, D_pow2)
     all_rows, all_row_span, span_req, span_last, row0, passes = _span_passes(
         tiles, per_token, PARTIAL_BUDGET_BYTES, dev)
     max_spans = max(s1 - s0 for s0, s1 in passes)
