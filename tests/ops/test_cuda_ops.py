@@ -7,6 +7,7 @@ attends the tile's list, causally); bf16 and fp16; fresh random data each run.
 import pytest
 import torch
 
+from benchmarks.compare_impls import vllm_pages
 from moba_backend.ops.common import slots_per_page, summary_slots
 from moba_backend.ops.pooling import naive as pooling_naive
 from moba_backend.ops.prefill.naive import sparse_attention
@@ -37,19 +38,6 @@ def tile_selection(plan, H: int, HK: int, density: float):
     tile_mask.scatter_(2, torch.where(valid, lists.long(), nbv), True)
     mask = tile_mask[plan.token_tile.cpu(), :, :nbv].repeat_interleave(H // HK, dim=1)
     return mask, Selection(sel.tile_blocks, sel.tile_nblocks, None)
-
-
-def vllm_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, pad: int = 64):
-    """The same caches as strided views of vLLM's pages: `[N, HK, P, 2 D]` (K then V in each row),
-    each page followed by `pad` spare elements (where the summaries live), as `split_kv_cache`
-    hands them to the kernels."""
-    N, P, HK, D = k_cache.shape
-    raw = torch.empty(N, HK * P * 2 * D + pad, dtype=k_cache.dtype, device=k_cache.device)
-    kv = raw[:, :HK * P * 2 * D].view(N, HK, P, 2 * D)
-    kv[..., :D] = k_cache.transpose(1, 2)
-    kv[..., D:] = v_cache.transpose(1, 2)
-    kv = kv.transpose(1, 2)
-    return kv[..., :D], kv[..., D:]
 
 
 def on_hopper() -> bool:
